@@ -1,0 +1,307 @@
+"""One backend of a RAID: its opener, its storage, its state and its threads.
+
+Every call into a backend runs in a thread that belongs to that backend, so
+that the caller can stop waiting after the RAID's deadline: a hung backend
+then blocks only its own threads, never the ZEO server's event loop.
+
+Two kinds of threads, both long-lived (no thread is created per call):
+
+- one *commit worker* that runs the commit path (tpc_begin, store, vote,
+  finish, abort, ...) strictly in submission order, so stores can be
+  pipelined without waiting for each one;
+- a small pool of *readers* for loads, which need no ordering.
+"""
+import concurrent.futures
+import inspect
+import logging
+import queue
+import threading
+import time
+
+# Imported here, in the importing thread: backends are opened in threads
+# of their own, and BTrees' lazily created modules (fsBTree) are not safe
+# to import from several threads at once.
+import BTrees.fsBTree  # noqa: F401
+import ZEO.ClientStorage
+import ZODB.FileStorage  # noqa: F401
+import ZODB.interfaces
+import ZODB.MappingStorage  # noqa: F401
+import ZODB.utils
+import zope.interface
+
+from zeoraid.errors import BackendTimeout
+from zeoraid.errors import BackendUnavailable
+
+logger = logging.getLogger('zeoraid')
+
+OPTIMAL = 'optimal'
+DEGRADED = 'degraded'
+RECOVERING = 'recovering'
+
+READER_THREADS = 4
+
+
+class SerialWorker:
+    """A single thread that runs submitted calls one after the other."""
+
+    _stop = object()
+
+    def __init__(self, name):
+        self.name = name
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args, **kw):
+        future = concurrent.futures.Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        self._queue.put((future, fn, args, kw))
+        return future
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is self._stop:
+                return
+            future, fn, args, kw = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kw)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self):
+        """Let the thread end once it has run what is already queued."""
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(self._stop)
+
+
+def wait_for(future, timeout, what):
+    """The future's result, or BackendTimeout after `timeout` seconds."""
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise BackendTimeout(
+            '%s: no answer within %gs' % (what, timeout)) from None
+
+
+def is_client_storage(storage):
+    """True for ZEO ClientStorage backends (remote, with their own IO thread)."""
+    return isinstance(storage, ZEO.ClientStorage.ClientStorage)
+
+
+def authoritative_last_tid(storage):
+    """The backend's last committed tid, asked of the server if remote.
+
+    ClientStorage.lastTransaction() is a cached value updated
+    asynchronously; the server's own answer is the one to trust when the
+    RAID chooses tids or compares backends.
+    """
+    if is_client_storage(storage):
+        return storage._call('lastTransaction')
+    return storage.lastTransaction()
+
+
+class Backend:
+    """A named backend storage with its health state."""
+
+    def __init__(self, name, opener, raid_name='raid'):
+        self.name = name
+        self.opener = opener
+        self.raid_name = raid_name
+        self.storage = None
+        self.state = DEGRADED
+        self.reason = 'not opened yet'
+        self.since = time.time()
+        self.last_tid = None
+        self.open_error = None
+        self._worker = SerialWorker('zeoraid-%s-commit' % name)
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=READER_THREADS,
+            thread_name_prefix='zeoraid-%s-read' % name)
+        self._opened = threading.Event()
+        self.abort_takes_timeout = False
+        self.pack_takes_gc = False
+        self.blob_temp_dir = None
+
+    def __repr__(self):
+        return '<Backend %s %s>' % (self.name, self.state)
+
+    # -- opening ---------------------------------------------------------
+
+    def start_open(self):
+        """Run the opener in a thread of its own; returns at once."""
+        thread = threading.Thread(
+            target=self._open, name='zeoraid-%s-open' % self.name,
+            daemon=True)
+        thread.start()
+
+    def _open(self):
+        try:
+            storage = self.opener()
+        except Exception as exc:
+            self.open_error = exc
+            logger.warning('backend %s of RAID %s could not be opened: %r',
+                           self.name, self.raid_name, exc)
+        else:
+            self.storage = storage
+            self._inspect(storage)
+        finally:
+            self._opened.set()
+
+    def wait_opened(self, timeout):
+        """True if opening finished (successfully or not) within timeout."""
+        return self._opened.wait(timeout)
+
+    def _inspect(self, storage):
+        try:
+            params = inspect.signature(storage.tpc_abort).parameters
+            self.abort_takes_timeout = 'timeout' in params
+        except (TypeError, ValueError):
+            self.abort_takes_timeout = False
+        try:
+            self.pack_takes_gc = (
+                'gc' in inspect.signature(storage.pack).parameters)
+        except (TypeError, ValueError):
+            self.pack_takes_gc = False
+
+    def provides(self, interface):
+        return self.storage is not None and interface.providedBy(self.storage)
+
+    @property
+    def supports_blobs(self):
+        return self.provides(ZODB.interfaces.IBlobStorage)
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def optimal(self):
+        return self.state == OPTIMAL
+
+    def set_state(self, state, reason=None):
+        """Change state; log it once. Returns True if it changed."""
+        if self.state == state and self.reason == reason:
+            return False
+        old = self.state
+        self.state = state
+        self.reason = reason
+        self.since = time.time()
+        level = logging.INFO if state == OPTIMAL and old == OPTIMAL \
+            else logging.WARNING
+        logger.log(level,
+                   'raid=%s backend=%s state=%s previous=%s reason=%s',
+                   self.raid_name, self.name, state, old, reason or '-')
+        return True
+
+    def degrade(self, reason):
+        """Mark degraded with a reason; True if it was not degraded yet."""
+        if self.state == DEGRADED:
+            return False
+        return self.set_state(DEGRADED, reason)
+
+    def details(self):
+        return {
+            'state': self.state,
+            'reason': self.reason,
+            'since': self.since,
+            'last_tid': self.last_tid.hex() if self.last_tid else None,
+        }
+
+    # -- calls -------------------------------------------------------------
+
+    def _require_storage(self):
+        if self.storage is None:
+            raise BackendUnavailable(
+                'backend %s is not open (%s)' % (self.name, self.reason))
+        return self.storage
+
+    def submit(self, fn, *args, **kw):
+        """Queue fn(storage, *args) on the ordered commit worker."""
+        storage = self._require_storage()
+        return self._worker.submit(fn, storage, *args, **kw)
+
+    def call(self, timeout, fn, *args, **kw):
+        """Run fn(storage, *args) in a reader thread; wait up to timeout."""
+        storage = self._require_storage()
+        future = self._readers.submit(fn, storage, *args, **kw)
+        return wait_for(future, timeout, 'backend %s' % self.name)
+
+    def call_ordered(self, timeout, fn, *args, **kw):
+        """Run fn(storage, *args) on the commit worker; wait up to timeout."""
+        return wait_for(self.submit(fn, *args, **kw), timeout,
+                        'backend %s' % self.name)
+
+    def abort(self, txn, wait_timeout=None):
+        """Queue tpc_abort; never waits longer than wait_timeout.
+
+        A backend that got tpc_begin must get tpc_finish or tpc_abort, or
+        its private commit lock stays held (ClientStorage) and its next
+        tpc_begin would block forever.
+        """
+        if self.storage is None:
+            return None
+        quick = self.state != OPTIMAL and self.abort_takes_timeout
+
+        def abort(storage):
+            if quick:
+                storage.tpc_abort(txn, timeout=0)
+            else:
+                storage.tpc_abort(txn)
+        future = self.submit(abort)
+        if wait_timeout:
+            try:
+                future.result(wait_timeout)
+            except Exception as exc:
+                return exc
+        return None
+
+    def close(self, timeout):
+        """Close the storage (bounded by timeout) and end the threads."""
+        storage = self.storage
+        try:
+            if storage is not None:
+                self.call_ordered(timeout, lambda s: s.close())
+        except Exception as exc:
+            logger.warning('closing backend %s of RAID %s failed: %r',
+                           self.name, self.raid_name, exc)
+        finally:
+            self._worker.shutdown()
+            self._readers.shutdown(wait=False)
+
+
+@zope.interface.implementer(ZODB.interfaces.IStorageWrapper)
+class BackendUpcalls:
+    """What a backend sees as its database: the RAID, filtered.
+
+    A backend ClientStorage calls invalidateCache() on every reconnect;
+    forwarding it would make the ZEO server drop every client, so it is
+    swallowed. invalidate() means somebody else wrote to the backend.
+    """
+
+    def __init__(self, raid, backend):
+        self._raid = raid
+        self._backend = backend
+
+    def invalidate(self, transaction_id, oids, version=''):
+        self._raid._backend_invalidated(self._backend, transaction_id, oids)
+
+    def invalidateCache(self):
+        logger.debug('raid=%s backend=%s invalidateCache ignored',
+                     self._raid.getName(), self._backend.name)
+
+    def references(self, record, oids=None):
+        return self._raid._wrapper_references(record, oids)
+
+    def transform_record_data(self, data):
+        return self._raid._wrapper_transform(data)
+
+    def untransform_record_data(self, data):
+        return self._raid._wrapper_untransform(data)

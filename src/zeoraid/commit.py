@@ -1,0 +1,351 @@
+"""The commit path: one transaction fanned out to every healthy backend.
+
+    tpc_begin  -> queued on each backend with the RAID's tid
+    store...   -> queued (pipelined), errors remembered per backend
+    tpc_vote   -> run on all backends in parallel, wait with the deadline,
+                  vote on the answers (fanout.vote)
+    tpc_finish -> run on all backends in parallel, each must return the tid
+    tpc_abort  -> queued on every backend that got tpc_begin, always
+
+A backend that fails on the way is degraded and left out of the rest of
+the transaction, but still gets its tpc_abort.
+"""
+import logging
+import os
+import shutil
+import tempfile
+
+import ZODB.POSException
+import ZODB.utils
+
+from zeoraid import fanout
+from zeoraid.errors import RAIDFailedError
+
+logger = logging.getLogger('zeoraid')
+
+
+class BackendTransaction:
+    """One backend's share of a RAID transaction."""
+
+    __slots__ = ('backend', 'error', 'blob_links', 'finished')
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.error = None        # first exception of a pipelined call
+        self.blob_links = []     # per-backend links of uploaded blobs
+        self.finished = False    # tpc_finish was sent (no abort needed)
+
+
+def _guarded(storage, share, method, args):
+    """Run one pipelined call unless an earlier one failed already."""
+    if share.error is not None:
+        return None
+    try:
+        return getattr(storage, method)(*args)
+    except Exception as exc:
+        share.error = exc
+        raise
+
+
+def _vote_call(storage, share, txn):
+    if share.error is not None:
+        raise share.error
+    return storage.tpc_vote(txn)
+
+
+class Commit:
+    """State and logic of the RAID's current transaction."""
+
+    def __init__(self, raid, txn, tid, status, backends):
+        self.raid = raid
+        self.txn = txn
+        self.tid = tid
+        self.status = status
+        self.timeout = raid.timeout
+        self.shares = [BackendTransaction(b) for b in backends]
+        self.blob_files = []     # uploaded blob files the RAID owns
+        self.committed_blobs = []  # (oid, filename) to publish at finish
+        self.stored_data = None  # oid -> data, for client-side resolution
+        self.undone_oids = []
+        self.voted = False
+
+    # -- helpers -----------------------------------------------------------
+
+    def active(self):
+        """Shares of backends still healthy in this transaction."""
+        return [s for s in self.shares if s.backend.optimal]
+
+    def _degrade(self, backend, reason):
+        self.raid._degrade(backend, reason)
+
+    def _require_active(self):
+        active = self.active()
+        if not active:
+            self.raid._check_failed()
+            raise RAIDFailedError(
+                'RAID %s: no backend left for the transaction'
+                % self.raid.getName())
+        return active
+
+    def pipeline(self, method, *args):
+        """Queue storage.method(*args, txn) on every healthy backend."""
+        for share in self._require_active():
+            self._submit(share, method, args + (self.txn,))
+
+    def _submit(self, share, method, args):
+        try:
+            share.backend.submit(_guarded, share, method, args)
+        except Exception as exc:
+            self._degrade(share.backend, fanout.describe(exc))
+
+    # -- the protocol ------------------------------------------------------
+
+    def begin(self):
+        for share in self.shares:
+            self._submit(share, 'tpc_begin', (self.txn, self.tid,
+                                              self.status))
+
+    def store(self, oid, serial, data):
+        if self.stored_data is not None:
+            self.stored_data[oid] = data
+        self.pipeline('store', oid, serial, data, '')
+
+    def store_blob(self, method, oid, serial, data, blobfilename, extra):
+        """storeBlob/restoreBlob: each backend gets its own link of the file.
+
+        Backends move the file they are given into their own blob
+        directory or cache, so one file cannot serve two backends.
+        """
+        self.blob_files.append(blobfilename)
+        self.committed_blobs.append((oid, blobfilename))
+        if self.stored_data is not None:
+            self.stored_data[oid] = data
+        for share in self._require_active():
+            try:
+                link = self.raid._blobs.link_for(share.backend, blobfilename)
+            except OSError as exc:
+                self._degrade(share.backend,
+                              'cannot place blob file: %s' % exc)
+                continue
+            share.blob_links.append(link)
+            if method == 'storeBlob':
+                args = (oid, serial, data, link, '', self.txn)
+            else:
+                args = (oid, serial, data, link, extra, self.txn)
+            self._submit(share, method, args)
+
+    def undo(self, transaction_id):
+        """Undo on all backends now; returns (tid, oids).
+
+        ZEO's ClientStorage.undo returns nothing (its oids only come back
+        from the vote), so the oids are read from the undone transaction.
+        """
+        futures = {}
+        for share in self._require_active():
+            try:
+                futures[share.backend] = share.backend.submit(
+                    _guarded, share, 'undo', (transaction_id, self.txn))
+            except Exception as exc:
+                self._degrade(share.backend, fanout.describe(exc))
+        verdict = self._decide(fanout.gather(futures, self.timeout))
+        if verdict.error is not None:
+            raise verdict.error
+        result = verdict.value
+        if isinstance(result, tuple) and len(result) == 2:
+            oids = list(result[1])
+        else:
+            oids = self.raid._oids_of_transaction(
+                self.raid._undo_tid(transaction_id))
+        self.undone_oids.extend(oids)
+        return self.tid, oids
+
+    def vote(self):
+        futures = {}
+        for share in self._require_active():
+            try:
+                futures[share.backend] = share.backend.submit(
+                    _vote_call, share, self.txn)
+            except Exception as exc:
+                self._degrade(share.backend, fanout.describe(exc))
+        verdict = self._decide(fanout.gather(futures, self.timeout))
+        if verdict.error is not None:
+            raise self._for_client(verdict.error)
+        resolved = []
+        seen = set()
+        for outcome in verdict.winners:
+            for oid in outcome.value or ():
+                if oid not in seen:
+                    seen.add(oid)
+                    resolved.append(oid)
+        self.voted = True
+        return resolved or None
+
+    def _decide(self, outcomes):
+        """Vote; degrade the losers; fail if nobody is left."""
+        verdict = fanout.vote(outcomes, self.raid._backends)
+        for outcome, reason in verdict.losers:
+            self._degrade(outcome.backend, reason)
+        if not verdict.winners:
+            self.raid._check_failed()
+            raise RAIDFailedError(
+                'RAID %s: every backend failed: %s' % (
+                    self.raid.getName(), '; '.join(
+                        '%s: %s' % (o.backend.name, r)
+                        for o, r in verdict.losers)))
+        return verdict
+
+    def _for_client(self, error):
+        """Give an application ConflictError what ZEO needs to pass it on."""
+        if (isinstance(error, ZODB.POSException.ConflictError)
+                and self.stored_data is not None
+                and getattr(error, 'oid', None)
+                and getattr(error, 'data', None) is None):
+            error.data = self.stored_data.get(error.oid)
+        return error
+
+    def finish(self):
+        """Finish on all healthy backends in parallel; returns winners.
+
+        A backend whose finish failed or timed out may or may not have
+        committed: it is degraded as "unknown outcome".
+        """
+        futures = {}
+        for share in self.active():
+            share.finished = True
+            try:
+                futures[share.backend] = share.backend.submit(
+                    lambda storage: storage.tpc_finish(self.txn,
+                                                       lambda tid: None))
+            except Exception as exc:
+                share.finished = False
+                self._degrade(share.backend, 'unknown outcome: %s'
+                              % fanout.describe(exc))
+        committed = []
+        for outcome in fanout.gather(futures, self.timeout):
+            backend = outcome.backend
+            if not outcome.ok:
+                self._degrade(backend, 'unknown outcome: tpc_finish: %s'
+                              % fanout.describe(outcome.error))
+                # Make sure the backend's transaction ends: harmless if
+                # the finish got far enough to end it already.
+                backend.abort(self.txn)
+            elif outcome.value is not None and outcome.value != self.tid:
+                self._degrade(backend, 'committed tid %s, expected %s' % (
+                    ZODB.utils.tid_repr(outcome.value),
+                    ZODB.utils.tid_repr(self.tid)))
+            else:
+                backend.last_tid = self.tid
+                committed.append(backend)
+        if not committed:
+            self.raid._check_failed()
+            raise RAIDFailedError(
+                'RAID %s: no backend confirmed the commit of %s; '
+                'outcome unknown' % (self.raid.getName(),
+                                     ZODB.utils.tid_repr(self.tid)))
+        return committed
+
+    def abort(self):
+        """tpc_abort on every backend that got tpc_begin and no finish."""
+        for share in self.shares:
+            if share.finished:
+                continue
+            if share.backend.optimal:
+                error = share.backend.abort(self.txn, self.timeout)
+                if error is not None:
+                    self._degrade(share.backend, 'tpc_abort: %s'
+                                  % fanout.describe(error))
+            else:
+                share.backend.abort(self.txn)
+
+    def cleanup(self, committed):
+        """Remove temporary blob files; publish blobs for shared clients."""
+        if committed:
+            self.raid._blobs.publish(self.committed_blobs, self.tid)
+        for share in self.shares:
+            for link in share.blob_links:
+                _remove(link)
+        for filename in self.blob_files:
+            _remove(filename)
+
+
+def _remove(filename):
+    try:
+        os.remove(filename)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning('could not remove temporary blob file %s: %s',
+                       filename, exc)
+
+
+class BlobPlacement:
+    """Where uploaded blobs go: per-backend links, and the RAID's own dir.
+
+    A hard link costs no copy; a copy is made only when a backend's
+    temporary directory is on another file system.
+    """
+
+    def __init__(self, blob_dir, shared):
+        self.blob_dir = blob_dir
+        self.shared = shared
+        self.fshelper = None
+        self.bytes_copied = 0
+        self.links_made = 0
+        if blob_dir is not None:
+            import ZODB.blob
+            self.fshelper = ZODB.blob.FilesystemHelper(blob_dir)
+            self.fshelper.create()
+            self.fshelper.checkSecure()
+
+    @property
+    def temp_dir(self):
+        return self.fshelper.temp_dir if self.fshelper else None
+
+    def link_for(self, backend, filename):
+        target_dir = backend.blob_temp_dir or self.temp_dir
+        fd, target = tempfile.mkstemp(suffix='.tmp', prefix='raid-',
+                                      dir=target_dir)
+        os.close(fd)
+        os.remove(target)
+        try:
+            os.link(filename, target)
+            self.links_made += 1
+        except OSError:
+            shutil.copyfile(filename, target)
+            self.bytes_copied += os.path.getsize(target)
+        return target
+
+    def publish(self, blobs, tid):
+        """Shared blob dir: put committed blobs where clients read them."""
+        if not (self.shared and self.fshelper):
+            return
+        for oid, filename in blobs:
+            if not os.path.exists(filename):
+                continue
+            self.fshelper.getPathForOID(oid, create=True)
+            target = self.fshelper.getBlobFilename(oid, tid)
+            try:
+                os.link(filename, target)
+            except FileExistsError:
+                pass
+            except OSError:
+                shutil.copyfile(filename, target)
+
+    def cached_path(self, oid, serial):
+        """The blob's path in the RAID's own dir, if it is there."""
+        if not self.fshelper:
+            return None
+        path = self.fshelper.getBlobFilename(oid, serial)
+        return path if os.path.exists(path) else None
+
+    def cache(self, oid, serial, source):
+        """Place a backend's blob file in the shared dir; return its path."""
+        self.fshelper.getPathForOID(oid, create=True)
+        target = self.fshelper.getBlobFilename(oid, serial)
+        tmp = target + '.raid-tmp'
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return target

@@ -1,0 +1,61 @@
+"""ZConfig datatypes for `%import zeoraid` and `<raidstorage>`."""
+import ZODB.config
+
+from zeoraid.storage import CLUSTER_MODES
+from zeoraid.storage import FAIL_MODES
+
+
+def _choice(name, allowed):
+    def convert(value):
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError('%s must be one of %s, not %r'
+                             % (name, ', '.join(allowed), value))
+        return value
+    convert.__name__ = name.replace('-', '_')
+    return convert
+
+
+cluster_mode = _choice('cluster-mode', CLUSTER_MODES)
+fail_mode = _choice('fail-mode', FAIL_MODES)
+
+
+def backend_openers(section):
+    """[(name, opener)] for the backend sections of a <raidstorage>."""
+    storages = section.storages or []
+    names = [s.name for s in storages]
+    if not storages:
+        raise ValueError('<raidstorage %s> needs at least one backend '
+                         'storage section' % section.getSectionName())
+    if None in names or '' in names:
+        raise ValueError('<raidstorage %s>: every backend section needs a '
+                         'name, e.g. <zeoclient b1>'
+                         % section.getSectionName())
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError('<raidstorage %s>: duplicate backend names: %s'
+                         % (section.getSectionName(), ', '.join(duplicates)))
+    return [(s.name, s.open) for s in storages]
+
+
+class RAIDStorageConfig(ZODB.config.BaseConfig):
+    """The <raidstorage> section: checked when parsed, opened on demand."""
+
+    def __init__(self, config):
+        ZODB.config.BaseConfig.__init__(self, config)
+        if config.timeout <= 0:
+            raise ValueError('<raidstorage %s>: timeout must be positive'
+                             % self.name)
+        if config.shared_blob_dir and not config.blob_dir:
+            raise ValueError('<raidstorage %s>: shared-blob-dir needs '
+                             'blob-dir' % self.name)
+        self.backends = backend_openers(config)
+
+    def open(self, database_name='unnamed', databases=None):
+        c = self.config
+        from zeoraid.storage import RAIDStorage
+        return RAIDStorage(
+            self.name, self.backends, read_only=c.read_only,
+            cluster_mode=c.cluster_mode, fail_mode=c.fail_mode,
+            blob_dir=c.blob_dir, shared_blob_dir=c.shared_blob_dir,
+            timeout=c.timeout, pack_timeout=c.pack_timeout)

@@ -1,0 +1,831 @@
+"""RAIDStorage: a ZODB storage that mirrors every write to N backends.
+
+This module is the storage API surface. It stays thin: the commit path
+lives in zeoraid.commit, one backend's threads and state in
+zeoraid.backend, voting on answers in zeoraid.fanout.
+
+Every method is written out (no __getattr__): ZODB and ZEO probe optional
+methods with hasattr, so the RAID exposes exactly what it supports.
+"""
+import base64
+import binascii
+import logging
+import threading
+import time
+
+import ZODB.BaseStorage
+import ZODB.blob
+import ZODB.interfaces
+import ZODB.POSException
+import ZODB.serialize
+import ZODB.utils
+import zope.interface
+from ZODB.BaseStorage import DataRecord
+from ZODB.BaseStorage import TransactionRecord
+from ZODB.POSException import ReadOnlyError
+from ZODB.POSException import StorageTransactionError
+from ZODB.utils import p64
+from ZODB.utils import u64
+from ZODB.utils import z64
+
+from zeoraid import fanout
+from zeoraid.backend import DEGRADED
+from zeoraid.backend import OPTIMAL
+from zeoraid.backend import RECOVERING
+from zeoraid.backend import Backend
+from zeoraid.backend import BackendUpcalls
+from zeoraid.backend import authoritative_last_tid
+from zeoraid.commit import BlobPlacement
+from zeoraid.commit import Commit
+from zeoraid.errors import RAIDError
+from zeoraid.errors import RAIDFailedError
+
+logger = logging.getLogger('zeoraid')
+
+CLUSTER_MODES = ('single', 'coop')
+FAIL_MODES = ('close', 'read-only')
+
+#: Interfaces the RAID declares when every open backend provides them.
+OPTIONAL_INTERFACES = (
+    ZODB.interfaces.IStorageUndoable,
+    ZODB.interfaces.IStorageCurrentRecordIteration,
+    ZODB.interfaces.IExternalGC,
+)
+
+
+def _identity(data):
+    return data
+
+
+class RAIDStorage:
+    """A RAID-1 storage over named backend storages."""
+
+    def __init__(self, name, backends, *, read_only=False,
+                 cluster_mode='single', fail_mode='close', blob_dir=None,
+                 shared_blob_dir=False, timeout=10.0, pack_timeout=86400.0):
+        if cluster_mode not in CLUSTER_MODES:
+            raise ValueError('cluster-mode must be one of %s, not %r'
+                             % ('|'.join(CLUSTER_MODES), cluster_mode))
+        if fail_mode not in FAIL_MODES:
+            raise ValueError('fail-mode must be one of %s, not %r'
+                             % ('|'.join(FAIL_MODES), fail_mode))
+        names = [n for n, _ in backends]
+        if not names:
+            raise ValueError('RAID %s needs at least one backend' % name)
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError('RAID %s: duplicate backend names: %s'
+                             % (name, ', '.join(duplicates)))
+        if shared_blob_dir and not blob_dir:
+            raise ValueError('RAID %s: shared-blob-dir needs blob-dir' % name)
+        if timeout <= 0:
+            raise ValueError('timeout must be positive')
+
+        self.__name__ = self._name = name
+        self.timeout = float(timeout)
+        self.pack_timeout = float(pack_timeout or 0) or None
+        self.cluster_mode = cluster_mode
+        self.fail_mode = fail_mode
+        self._read_only = bool(read_only)
+        self._failed = False
+        self._closed = False
+        self._wrapper = None
+        self._lock = threading.Lock()           # RAID state, oid counter
+        self._commit_lock = threading.Lock()    # held from begin to end
+        self._finish_lock = threading.RLock()   # readers wait on finish
+        self._commit = None
+        self._ltid = z64
+        self._oid = z64
+        self._foreign_tids = set()
+        self._blobs = BlobPlacement(blob_dir, shared_blob_dir)
+        self._blob_dir = blob_dir
+        self._backends = [Backend(n, opener, name) for n, opener in backends]
+        self._open_backends(self._backends)
+        self._check_blob_settings()
+        self._declare_interfaces()
+        self._set_start_state()
+
+    # -- startup -----------------------------------------------------------
+
+    def _open_backends(self, backends):
+        """Open concurrently; a slow or failing backend starts degraded."""
+        for backend in backends:
+            backend.start_open()
+        deadline = time.monotonic() + self.timeout
+        for backend in backends:
+            if not backend.wait_opened(max(0, deadline - time.monotonic())):
+                backend.degrade('open timed out after %gs' % self.timeout)
+            elif backend.storage is None:
+                backend.degrade('open failed: %s'
+                                % fanout.describe(backend.open_error))
+            else:
+                self._attach(backend)
+
+    def _attach(self, backend):
+        """Register our upcalls and learn the backend's blob temp dir."""
+        storage = backend.storage
+        storage.registerDB(BackendUpcalls(self, backend))
+        if backend.supports_blobs:
+            backend.blob_temp_dir = storage.temporaryDirectory()
+        backend.set_state(OPTIMAL, None)
+
+    def _check_blob_settings(self):
+        opened = [b for b in self._backends if b.storage is not None]
+        with_blobs = [b.name for b in opened if b.supports_blobs]
+        without = [b.name for b in opened if not b.supports_blobs]
+        if with_blobs and without:
+            self._close_backends()
+            raise RAIDError(
+                'RAID %s: inconsistent blob settings: backends %s support '
+                'blobs, backends %s do not' % (
+                    self._name, ', '.join(with_blobs), ', '.join(without)))
+        if self._blob_dir and without:
+            self._close_backends()
+            raise RAIDError(
+                'RAID %s: blob-dir is set but backends %s do not support '
+                'blobs (give each backend a blob-dir)'
+                % (self._name, ', '.join(without)))
+        if with_blobs and not self._blob_dir:
+            self._close_backends()
+            raise RAIDError(
+                'RAID %s: backends support blobs; set blob-dir on the '
+                '<raidstorage> too' % self._name)
+
+    def _declare_interfaces(self):
+        opened = [b.storage for b in self._backends if b.storage is not None]
+        if not opened:
+            self._close_backends()
+            raise RAIDFailedError(
+                'RAID %s: no working backend: %s' % (self._name, '; '.join(
+                    '%s: %s' % (b.name, b.reason) for b in self._backends)))
+        provided = [ZODB.interfaces.IStorage,
+                    ZODB.interfaces.IMultiCommitStorage,
+                    ZODB.interfaces.IStorageIteration,
+                    ZODB.interfaces.IStorageRestoreable]
+        for interface in OPTIONAL_INTERFACES:
+            if all(interface.providedBy(s) for s in opened):
+                provided.append(interface)
+        self._supports_undo = all(
+            getattr(s, 'supportsUndo', lambda: False)() for s in opened)
+        if not self._supports_undo and \
+                ZODB.interfaces.IStorageUndoable in provided:
+            provided.remove(ZODB.interfaces.IStorageUndoable)
+        self._record_iteration = (
+            ZODB.interfaces.IStorageCurrentRecordIteration in provided)
+        if self._blob_dir:
+            provided.append(ZODB.interfaces.IBlobStorage)
+            if all(ZODB.interfaces.IBlobStorageRestoreable.providedBy(s)
+                   for s in opened):
+                provided.append(ZODB.interfaces.IBlobStorageRestoreable)
+        self._provided = provided
+        zope.interface.directlyProvides(self, *provided)
+
+    def _set_start_state(self):
+        """Degrade lagging backends; seed tid and oid from the newest."""
+        for backend in self._optimal():
+            try:
+                backend.last_tid = backend.call(
+                    self.timeout, authoritative_last_tid)
+            except Exception as exc:
+                self._degrade(backend, 'last tid unavailable: %s'
+                              % fanout.describe(exc), check=False)
+        optimal = self._optimal()
+        if optimal:
+            newest = max(b.last_tid for b in optimal)
+            for backend in optimal:
+                if backend.last_tid < newest:
+                    self._degrade(backend, (
+                        'missing transactions: last tid %s, newest %s'
+                        % (ZODB.utils.tid_repr(backend.last_tid),
+                           ZODB.utils.tid_repr(newest))), check=False)
+            self._ltid = newest
+        for backend in self._optimal():
+            try:
+                oid = backend.call_ordered(self.timeout,
+                                           lambda s: s.new_oid())
+            except Exception as exc:
+                self._degrade(backend, 'new_oid: %s' % fanout.describe(exc),
+                              check=False)
+            else:
+                # new_oid hands out oid; our counter holds the last one
+                # handed out, so the next RAID oid is `oid` itself.
+                self._oid = max(self._oid, p64(max(u64(oid) - 1, 0)))
+        if not self._optimal():
+            self._close_backends()
+            raise RAIDFailedError(
+                'RAID %s: no working backend: %s' % (self._name, '; '.join(
+                    '%s: %s' % (b.name, b.reason) for b in self._backends)))
+        logger.info('raid=%s opened: status=%s last_tid=%s', self._name,
+                    self.raid_status(), ZODB.utils.tid_repr(self._ltid))
+
+    # -- backend selection and failure handling ----------------------------
+
+    def _optimal(self):
+        return [b for b in self._backends if b.state == OPTIMAL]
+
+    def _readable(self):
+        """Backends to read from, most trusted first."""
+        optimal = self._optimal()
+        if optimal or self.fail_mode != 'read-only':
+            return optimal
+        # Read-only fail mode: the last backends to go are the freshest.
+        rest = [b for b in self._backends if b.storage is not None]
+        return sorted(rest, key=lambda b: -b.since)
+
+    def _quorum(self):
+        if self.cluster_mode == 'coop':
+            return len(self._backends) // 2 + 1
+        return 1
+
+    def _degrade(self, backend, reason, check=True):
+        if backend.degrade(reason) and check:
+            self._check_failed()
+
+    def _check_failed(self):
+        """Enter the fail mode when too few optimal backends remain."""
+        if self._failed or len(self._optimal()) >= self._quorum():
+            return
+        self._failed = True
+        logger.critical(
+            'raid=%s state=failed fail_mode=%s reason=%s', self._name,
+            self.fail_mode, '; '.join('%s: %s' % (b.name, b.reason)
+                                      for b in self._backends))
+
+    def _check_usable(self):
+        if self._closed:
+            raise RAIDFailedError('RAID %s is closed' % self._name)
+        if self._failed and self.fail_mode == 'close':
+            raise RAIDFailedError(
+                'RAID %s failed: no optimal backend left' % self._name)
+
+    def _check_writable(self):
+        self._check_usable()
+        if self._read_only or (self._failed and
+                               self.fail_mode == 'read-only'):
+            raise ReadOnlyError()
+
+    def _read(self, fn, *args):
+        """Answer a read from one backend, failing over on errors."""
+        self._check_usable()
+        for backend in self._readable():
+            try:
+                return backend.call(self.timeout, fn, *args)
+            except fanout.READ_ANSWERS:
+                raise
+            except Exception as exc:
+                if backend.optimal:
+                    self._degrade(backend, 'read failed: %s'
+                                  % fanout.describe(exc))
+        self._check_failed()
+        raise RAIDFailedError(
+            'RAID %s: no backend could answer the read' % self._name)
+
+    def _backend_invalidated(self, backend, tid, oids):
+        """A backend reports a commit that the RAID did not make.
+
+        In single mode nobody else may write to the backends: that is an
+        alarm. In coop mode other RAID servers do: pass it on once.
+        """
+        if self.cluster_mode != 'coop':
+            logger.error('raid=%s backend=%s foreign commit %s: somebody '
+                         'else writes to this backend', self._name,
+                         backend.name, ZODB.utils.tid_repr(tid))
+            return
+        with self._lock:
+            if tid <= self._ltid or tid in self._foreign_tids:
+                return
+            self._foreign_tids.add(tid)
+            if len(self._foreign_tids) > 1000:
+                self._foreign_tids = {t for t in self._foreign_tids
+                                      if t > self._ltid}
+        if self._wrapper is not None:
+            self._wrapper.invalidate(tid, oids)
+        with self._lock:
+            if tid > self._ltid:
+                self._ltid = tid
+
+    # -- IStorageWrapper plumbing for the backends ---------------------------
+
+    def _wrapper_references(self, record, oids=None):
+        if self._wrapper is not None:
+            return self._wrapper.references(record, oids)
+        return ZODB.serialize.referencesf(record, oids)
+
+    def _wrapper_transform(self, data):
+        fn = getattr(self._wrapper, 'transform_record_data', _identity)
+        return fn(data)
+
+    def _wrapper_untransform(self, data):
+        fn = getattr(self._wrapper, 'untransform_record_data', _identity)
+        return fn(data)
+
+    # -- IStorage: metadata -------------------------------------------------
+
+    def getName(self):
+        return self._name
+
+    def sortKey(self):
+        return 'zeoraid:%s' % self._name
+
+    def isReadOnly(self):
+        return self._read_only or (self._failed and
+                                   self.fail_mode == 'read-only')
+
+    def supportsUndo(self):
+        return self._supports_undo
+
+    def getSize(self):
+        return self._read(lambda s: s.getSize())
+
+    def __len__(self):
+        return self._read(len)
+
+    def registerDB(self, wrapper):
+        self._wrapper = wrapper
+
+    def lastTransaction(self):
+        with self._finish_lock:
+            return self._ltid
+
+    def tpc_transaction(self):
+        commit = self._commit
+        return commit.txn if commit is not None else None
+
+    def new_oid(self):
+        self._check_writable()
+        if self.cluster_mode == 'coop':
+            return self._new_oid_coop()
+        with self._lock:
+            self._oid = oid = p64(u64(self._oid) + 1)
+            return oid
+
+    def _new_oid_coop(self):
+        """Ask every backend; the largest answer is unique among writers."""
+        futures = {}
+        for backend in self._optimal():
+            futures[backend] = backend.submit(lambda s: s.new_oid())
+        outcomes = fanout.gather(futures, self.timeout)
+        answers = []
+        for outcome in outcomes:
+            if outcome.ok:
+                answers.append(outcome.value)
+            else:
+                self._degrade(outcome.backend, 'new_oid: %s'
+                              % fanout.describe(outcome.error))
+        if not answers:
+            raise RAIDFailedError('RAID %s: no backend could allocate an oid'
+                                  % self._name)
+        with self._lock:
+            self._oid = oid = max(max(answers), p64(u64(self._oid) + 1))
+            return oid
+
+    # -- IStorage: reads ------------------------------------------------------
+
+    def _wait_for_finish(self):
+        """Readers must not see a finish half done (IStorage ordering)."""
+        with self._finish_lock:
+            pass
+
+    def load(self, oid, version=''):
+        self._wait_for_finish()
+        return self._read(lambda s: ZODB.utils.load_current(s, oid))
+
+    def loadBefore(self, oid, tid):
+        self._wait_for_finish()
+        return self._read(lambda s: s.loadBefore(oid, tid))
+
+    def loadSerial(self, oid, serial):
+        return self._read(lambda s: s.loadSerial(oid, serial))
+
+    def getTid(self, oid):
+        self._wait_for_finish()
+        return self._read(lambda s: s.getTid(oid))
+
+    def history(self, oid, size=1):
+        return self._read(lambda s: s.history(oid, size=size))
+
+    def prefetch(self, oids, tid):
+        """Let a backend fetch ahead (ZEO clients' conn.prefetch())."""
+        self._check_usable()
+        for backend in self._readable():
+            prefetch = getattr(backend.storage, 'prefetch', None)
+            if prefetch is None:
+                return
+            try:
+                backend.call(self.timeout, lambda s: s.prefetch(oids, tid))
+                return
+            except Exception as exc:
+                self._degrade(backend, 'prefetch: %s'
+                              % fanout.describe(exc))
+
+    # -- IStorage: the commit path ------------------------------------------
+
+    def tpc_begin(self, transaction, tid=None, status=' '):
+        self._check_writable()
+        commit = self._commit
+        if commit is not None and commit.txn is transaction:
+            raise StorageTransactionError(
+                'Duplicate tpc_begin calls for same transaction')
+        self._commit_lock.acquire()
+        try:
+            self._check_writable()
+            optimal = self._optimal()
+            if not optimal:
+                raise RAIDFailedError('RAID %s: no optimal backend'
+                                      % self._name)
+            if tid is None:
+                tid = ZODB.utils.newTid(self._newest_tid(optimal))
+            elif tid <= self._ltid:
+                # Backends would take a tid from the past and corrupt
+                # their order; only restores into the RAID pass a tid.
+                raise StorageTransactionError(
+                    'tid %s is not later than the last transaction %s'
+                    % (ZODB.utils.tid_repr(tid),
+                       ZODB.utils.tid_repr(self._ltid)))
+            commit = Commit(self, transaction, tid, status, optimal)
+            if 'tryToResolveConflict' in self.__dict__:
+                # The ZEO server asked for client-side conflict
+                # resolution: conflicts must carry the data we stored.
+                commit.stored_data = {}
+            commit.begin()
+            self._commit = commit
+        except BaseException:
+            self._commit_lock.release()
+            raise
+
+    def _newest_tid(self, optimal):
+        """The tid to exceed: our own, and in coop mode the backends'."""
+        newest = self._ltid
+        if self.cluster_mode == 'coop':
+            futures = {b: b.submit(authoritative_last_tid) for b in optimal}
+            for outcome in fanout.gather(futures, self.timeout):
+                if outcome.ok:
+                    newest = max(newest, outcome.value)
+                else:
+                    self._degrade(outcome.backend, 'last tid: %s'
+                                  % fanout.describe(outcome.error))
+        return newest
+
+    def _current(self, transaction, what):
+        commit = self._commit
+        if commit is None or commit.txn is not transaction:
+            raise StorageTransactionError(
+                '%s called with wrong transaction' % what)
+        return commit
+
+    def store(self, oid, serial, data, version, transaction):
+        assert not version, 'versions are not supported'
+        self._check_writable()
+        self._current(transaction, 'store').store(oid, serial, data)
+
+    def restore(self, oid, serial, data, version, prev_txn, transaction):
+        assert not version, 'versions are not supported'
+        self._check_writable()
+        self._current(transaction, 'restore').pipeline(
+            'restore', oid, serial, data, '', prev_txn)
+
+    def checkCurrentSerialInTransaction(self, oid, serial, transaction):
+        self._check_writable()
+        self._current(transaction, 'checkCurrentSerialInTransaction') \
+            .pipeline('checkCurrentSerialInTransaction', oid, serial)
+
+    def deleteObject(self, oid, serial, transaction):
+        self._check_writable()
+        self._current(transaction, 'deleteObject').pipeline(
+            'deleteObject', oid, serial)
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version,
+                  transaction):
+        assert not version, 'versions are not supported'
+        self._check_writable()
+        self._current(transaction, 'storeBlob').store_blob(
+            'storeBlob', oid, oldserial, data, blobfilename, None)
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
+                    transaction):
+        self._check_writable()
+        self._current(transaction, 'restoreBlob').store_blob(
+            'restoreBlob', oid, serial, data, blobfilename, prev_txn)
+
+    def undo(self, transaction_id, transaction):
+        self._check_writable()
+        return self._current(transaction, 'undo').undo(transaction_id)
+
+    def tpc_vote(self, transaction):
+        commit = self._current(transaction, 'tpc_vote')
+        return commit.vote()
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        commit = self._current(transaction, 'tpc_finish')
+        if not commit.voted:
+            raise StorageTransactionError('tpc_finish called before tpc_vote')
+        committed = False
+        try:
+            with self._finish_lock:
+                commit.finish()
+                committed = True
+                func(commit.tid)
+                with self._lock:
+                    self._ltid = commit.tid
+            return commit.tid
+        finally:
+            self._end(commit, committed)
+
+    def tpc_abort(self, transaction):
+        commit = self._commit
+        if commit is None or commit.txn is not transaction:
+            return
+        try:
+            commit.abort()
+        finally:
+            self._end(commit, False)
+
+    def _end(self, commit, committed):
+        try:
+            commit.cleanup(committed)
+        finally:
+            self._commit = None
+            self._commit_lock.release()
+
+    # -- undo, iteration, pack ------------------------------------------------
+
+    def undoLog(self, first=0, last=-20, filter=None):
+        return self._read(lambda s: s.undoLog(first, last, filter))
+
+    def undoInfo(self, first=0, last=-20, specification=None):
+        return self._read(lambda s: s.undoInfo(first, last, specification))
+
+    def _undo_tid(self, transaction_id):
+        """The tid of an undo id (FileStorage-style: base64 of the tid)."""
+        if isinstance(transaction_id, str):
+            transaction_id = transaction_id.encode('ascii')
+        try:
+            tid = base64.decodebytes(transaction_id + b'\n')
+        except binascii.Error:
+            tid = b''
+        if len(tid) != 8:
+            raise ZODB.POSException.UndoError(
+                'undo id %r is not a transaction id this RAID understands'
+                % (transaction_id,))
+        return tid
+
+    def _oids_of_transaction(self, tid):
+        for txn in self.iterator(tid, tid):
+            return [record.oid for record in txn]
+        return []
+
+    def iterator(self, start=None, stop=None):
+        self._check_usable()
+        return RAIDIterator(self, start, stop)
+
+    def record_iternext(self, next=None):
+        if not self._record_iteration:
+            raise ZODB.POSException.Unsupported('record_iternext')
+        return self._read(lambda s: s.record_iternext(next))
+
+    def pack(self, t, referencesf, gc=None):
+        """Pack every optimal backend in parallel, with the pack deadline."""
+        self._check_writable()
+        optimal = self._optimal()
+        if gc is not None and not all(b.pack_takes_gc for b in optimal):
+            raise ZODB.POSException.Unsupported(
+                'pack(gc=...) needs backends that accept it '
+                '(ClientStorage does not)')
+
+        def pack(storage):
+            if gc is None:
+                return storage.pack(t, referencesf)
+            return storage.pack(t, referencesf, gc=gc)
+        futures = {b: b._readers.submit(pack, b.storage) for b in optimal}
+        outcomes = fanout.gather(futures, self.pack_timeout or 1e9)
+        verdict = fanout.vote(outcomes, self._backends)
+        for outcome, reason in verdict.losers:
+            self._degrade(outcome.backend, 'pack: %s' % reason)
+        if verdict.error is not None:
+            raise verdict.error
+        if not verdict.winners:
+            raise RAIDFailedError('RAID %s: pack failed on every backend'
+                                  % self._name)
+
+    # -- blobs -----------------------------------------------------------------
+
+    @property
+    def fshelper(self):
+        """The RAID's blob dir helper (ZEO's storeBlobShared needs it)."""
+        return self._blobs.fshelper
+
+    def temporaryDirectory(self):
+        if self._blobs.fshelper is None:
+            raise ZODB.POSException.Unsupported('no blob-dir configured')
+        return self._blobs.temp_dir
+
+    def loadBlob(self, oid, serial):
+        if self._blobs.fshelper is None:
+            raise ZODB.POSException.Unsupported('no blob-dir configured')
+        if self._blobs.shared:
+            path = self._blobs.cached_path(oid, serial)
+            if path is not None:
+                return path
+        path = self._read(lambda s: s.loadBlob(oid, serial))
+        if self._blobs.shared:
+            path = self._blobs.cache(oid, serial, path)
+        return path
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        path = self.loadBlob(oid, serial)
+        if blob is None:
+            return open(path, 'rb')
+        return ZODB.blob.BlobFile(path, 'r', blob)
+
+    def copyTransactionsFrom(self, other):
+        """Copy another storage's transactions into the RAID (restore)."""
+        if ZODB.interfaces.IBlobStorageRestoreable.providedBy(self):
+            ZODB.blob.copyTransactionsFromTo(other, self)
+        else:
+            ZODB.BaseStorage.copy(other, self)
+
+    # -- management ------------------------------------------------------------
+
+    def raid_status(self):
+        if self._failed or not self._optimal():
+            return 'failed'
+        if any(b.state == RECOVERING for b in self._backends):
+            return 'recovering'
+        if all(b.state == OPTIMAL for b in self._backends):
+            return 'optimal'
+        return 'degraded'
+
+    def raid_details(self):
+        return {b.name: b.details() for b in self._backends}
+
+    def raid_backend_names(self):
+        return [b.name for b in self._backends]
+
+    def raid_backend_storage(self, name):
+        return self._backend(name).storage
+
+    def _backend(self, name):
+        for backend in self._backends:
+            if backend.name == name:
+                return backend
+        raise RAIDError('RAID %s has no backend %r (backends: %s)' % (
+            self._name, name, ', '.join(b.name for b in self._backends)))
+
+    def raid_disable(self, name):
+        backend = self._backend(name)
+        with self._lock:
+            if backend.state == DEGRADED:
+                raise RAIDError('backend %s of RAID %s is already degraded'
+                                % (name, self._name))
+            if backend.optimal and len(self._optimal()) <= 1:
+                raise RAIDError(
+                    'refusing to disable %s: it is the last optimal backend '
+                    'of RAID %s' % (name, self._name))
+            backend.degrade('disabled by operator')
+        return 'backend %s of RAID %s disabled' % (name, self._name)
+
+    def raid_reload(self, backends, dry_run=False):
+        """Change the set of backends: new ones join degraded."""
+        wanted = [n for n, _ in backends]
+        if len(set(wanted)) != len(wanted):
+            raise RAIDError('reload: duplicate backend names')
+        if not wanted:
+            raise RAIDError('reload: a RAID needs at least one backend')
+        current = {b.name: b for b in self._backends}
+        added = [n for n in wanted if n not in current]
+        removed = [n for n in current if n not in wanted]
+        kept = [n for n in wanted if n in current]
+        if not any(current[n].optimal for n in kept):
+            raise RAIDError(
+                'reload refused: no optimal backend would remain '
+                '(kept: %s)' % (', '.join(kept) or 'none'))
+        diff = {'added': added, 'removed': removed, 'kept': kept}
+        if dry_run or not (added or removed):
+            return diff
+        openers = dict(backends)
+        new = [Backend(n, openers[n], self._name) for n in added]
+        self._open_backends(new)
+        if not self._commit_lock.acquire(timeout=self.timeout):
+            for backend in new:
+                backend.close(self.timeout)
+            raise RAIDError('reload refused: a transaction did not end '
+                            'within %gs' % self.timeout)
+        try:
+            for backend in new:
+                if backend.storage is not None:
+                    backend.degrade('added by reload, needs recovery')
+            self._backends = [b for b in self._backends
+                              if b.name not in removed] + new
+        finally:
+            self._commit_lock.release()
+        for name in removed:
+            logger.warning('raid=%s backend=%s removed by reload',
+                           self._name, name)
+            current[name].close(self.timeout)
+        return diff
+
+    # -- closing -----------------------------------------------------------------
+
+    def close(self):
+        if self._closed:
+            return
+        commit = self._commit
+        if commit is not None:
+            try:
+                self.tpc_abort(commit.txn)
+            except Exception:
+                logger.exception('raid=%s aborting on close', self._name)
+        self._closed = True
+        self._close_backends()
+
+    def _close_backends(self):
+        for backend in self._backends:
+            backend.close(self.timeout)
+
+
+class RAIDIterator:
+    """Iterate transactions from one backend, failing over on errors.
+
+    Each transaction's records are read completely (remote iterators
+    require that) under the RAID's deadline, so a hung backend cannot
+    hold a caller forever; on failure iteration resumes on another
+    backend after the last transaction delivered.
+    """
+
+    def __init__(self, raid, start, stop):
+        self._raid = raid
+        self._start = start
+        self._stop = stop
+        self._backend = None
+        self._iterator = None
+        self._closed = False
+
+    def __iter__(self):
+        return self
+
+    def _open(self):
+        for backend in self._raid._readable():
+            try:
+                self._iterator = backend.call(
+                    self._raid.timeout,
+                    lambda s: iter(s.iterator(self._start, self._stop)))
+                self._backend = backend
+                return
+            except Exception as exc:
+                self._raid._degrade(backend, 'iterator: %s'
+                                    % fanout.describe(exc))
+        raise RAIDFailedError('RAID %s: no backend can iterate'
+                              % self._raid.getName())
+
+    def __next__(self):
+        if self._closed:
+            raise StopIteration
+        while True:
+            if self._iterator is None:
+                self._open()
+            try:
+                txn = self._backend.call(self._raid.timeout, _read_txn,
+                                         self._iterator)
+            except StopIteration:
+                self.close()
+                raise
+            except Exception as exc:
+                self._raid._degrade(self._backend, 'iterator: %s'
+                                    % fanout.describe(exc))
+                self._iterator = None
+                continue
+            self._start = p64(u64(txn.tid) + 1)
+            return txn
+
+    def close(self):
+        self._closed = True
+        iterator = self._iterator
+        self._iterator = None
+        close = getattr(iterator, 'close', None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                pass
+
+
+class RAIDTransactionRecord(TransactionRecord):
+    """A transaction read completely from a backend's iterator."""
+
+    def __init__(self, info, records):
+        extension = getattr(info, 'extension_bytes', None)
+        if extension is None:
+            extension = info.extension
+        TransactionRecord.__init__(self, info.tid, info.status, info.user,
+                                   info.description, extension)
+        self._records = records
+
+    def __iter__(self):
+        return iter(self._records)
+
+
+def _read_txn(storage, iterator):
+    """Read one transaction with all its records (called in a reader)."""
+    info = next(iterator)
+    records = [DataRecord(r.oid, r.tid, r.data, r.data_txn) for r in info]
+    return RAIDTransactionRecord(info, records)
