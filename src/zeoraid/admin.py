@@ -36,7 +36,7 @@ import ZODB.TimeStamp
 from zeoraid.errors import RAIDError
 
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger('zeoraid.admin')
 
 #: Longest request line accepted, in bytes.
 MAX_REQUEST = 64 * 1024
@@ -335,16 +335,18 @@ class AdminServer:
     """The admin endpoint: a unix socket, optionally a TCP address.
 
     Create it (binds the sockets, so errors show before the ZEO server
-    starts), then ``start()`` once the storages are being served, and
-    ``close()`` on shutdown.
+    starts and before anything else runs in threads, which matters for the
+    umask), then ``start(service)`` once the storages are open, and
+    ``close()`` on shutdown.  Connections made before ``start`` wait in
+    the listen backlog.
     """
 
-    def __init__(self, service, socket_path, tcp_address=None,
-                 token_file=None):
+    service = None
+
+    def __init__(self, socket_path, tcp_address=None, token_file=None):
         if tcp_address is not None and token_file is None:
             raise AdminError('an admin TCP address needs a token file'
                              ' (admin-token-file)')
-        self.service = service
         self.socket_path = socket_path
         self.token = read_token(token_file) if tcp_address else None
         self._uid = os.geteuid()
@@ -370,8 +372,9 @@ class AdminServer:
                 return server.server_address[:2]
         return None
 
-    def start(self):
-        """Serve requests in background threads."""
+    def start(self, service):
+        """Serve requests for ``service`` (an AdminService) in threads."""
+        self.service = service
         for server in self._servers:
             thread = threading.Thread(
                 target=server.serve_forever, kwargs={'poll_interval': 0.5},
@@ -432,7 +435,8 @@ class AdminServer:
                 return {'ok': False, 'error': 'permission denied'}
         if isinstance(request, dict) and request.get('op') not in (
                 'status', 'details'):
-            logger.info('admin request: %s %s %s', request.get('op'),
-                        request.get('storage') or '',
-                        ' '.join(map(str, request.get('args') or ())))
+            logger.info('admin request: %s', ' '.join(
+                str(word) for word in [request.get('op'),
+                                       request.get('storage')]
+                + list(request.get('args') or ()) if word is not None))
         return self.service.handle(request)

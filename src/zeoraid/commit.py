@@ -295,7 +295,6 @@ class BlobPlacement:
             import ZODB.blob
             self.fshelper = ZODB.blob.FilesystemHelper(blob_dir)
             self.fshelper.create()
-            self.fshelper.checkSecure()
 
     @property
     def temp_dir(self):

@@ -20,6 +20,7 @@ import ZODB.POSException
 import ZODB.serialize
 import ZODB.utils
 import zope.interface
+from persistent.TimeStamp import TimeStamp
 from ZODB.BaseStorage import DataRecord
 from ZODB.BaseStorage import TransactionRecord
 from ZODB.POSException import ReadOnlyError
@@ -96,6 +97,7 @@ class RAIDStorage:
         self._commit = None
         self._ltid = z64
         self._oid = z64
+        self._tid_floor = z64  # no new tid at or below it (see pack)
         self._foreign_tids = set()
         self._blobs = BlobPlacement(blob_dir, shared_blob_dir)
         self._blob_dir = blob_dir
@@ -199,7 +201,7 @@ class RAIDStorage:
                         % (ZODB.utils.tid_repr(backend.last_tid),
                            ZODB.utils.tid_repr(newest))), check=False)
             self._ltid = newest
-        for backend in self._optimal():
+        for backend in ([] if self._read_only else self._optimal()):
             try:
                 oid = backend.call_ordered(self.timeout,
                                            lambda s: s.new_oid())
@@ -434,7 +436,8 @@ class RAIDStorage:
                 raise RAIDFailedError('RAID %s: no optimal backend'
                                       % self._name)
             if tid is None:
-                tid = ZODB.utils.newTid(self._newest_tid(optimal))
+                tid = ZODB.utils.newTid(max(self._newest_tid(optimal),
+                                            self._tid_floor))
             elif tid <= self._ltid:
                 # Backends would take a tid from the past and corrupt
                 # their order; only restores into the RAID pass a tid.
@@ -592,6 +595,8 @@ class RAIDStorage:
                 'pack(gc=...) needs backends that accept it '
                 '(ClientStorage does not)')
 
+        t = self._pack_time(t)
+
         def pack(storage):
             if gc is None:
                 return storage.pack(t, referencesf)
@@ -606,6 +611,36 @@ class RAIDStorage:
         if not verdict.winners:
             raise RAIDFailedError('RAID %s: pack failed on every backend'
                                   % self._name)
+
+    def _pack_time(self, t):
+        """Make the pack time cover the same history on every backend.
+
+        Backends start packing at slightly different moments. A commit
+        whose tid is below the pack time and that lands between those
+        moments would be packed on some backends and not on others. So
+        the pack time is clamped to the last tid (rounded up to what
+        FileStorage derives from it), and later commits are given tids
+        above it: every transaction the pack covers is already on every
+        backend when the packs start.
+        """
+        if t is None:
+            t = time.time()
+        if not self._commit_lock.acquire(timeout=self.timeout):
+            raise RAIDError('pack refused: a transaction did not end '
+                            'within %gs' % self.timeout)
+        try:
+            last = self._ltid
+            if last != z64:
+                limit = TimeStamp(last).timeTime()
+                if t > limit:
+                    t = limit
+                    while _pack_stop(t) < last:
+                        t += 1e-6
+            with self._lock:
+                self._tid_floor = max(self._tid_floor, _pack_stop(t))
+        finally:
+            self._commit_lock.release()
+        return t
 
     # -- blobs -----------------------------------------------------------------
 
@@ -743,6 +778,11 @@ class RAIDStorage:
             backend.close(self.timeout)
 
 
+def _pack_stop(t):
+    """The tid FileStorage derives from a pack time (FileStorage.pack)."""
+    return TimeStamp(*(time.gmtime(t)[:5] + (t % 60,))).raw()
+
+
 class RAIDIterator:
     """Iterate transactions from one backend, failing over on errors.
 
@@ -813,7 +853,9 @@ class RAIDTransactionRecord(TransactionRecord):
     """A transaction read completely from a backend's iterator."""
 
     def __init__(self, info, records):
-        extension = getattr(info, 'extension_bytes', None)
+        # Keep what the backend has: raw bytes where it stored them
+        # (FileStorage), the mapping where that is all it has (ZEO).
+        extension = vars(info).get('extension_bytes')
         if extension is None:
             extension = info.extension
         TransactionRecord.__init__(self, info.tid, info.status, info.user,

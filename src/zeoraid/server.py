@@ -1,0 +1,387 @@
+"""The zeoraid server process: ``zeoraid -C zeoraid.conf``.
+
+A ZEO 6 server (ZEO's runzeo machinery, unchanged on the ZEO port) that
+serves RAID storages, plus:
+
+* an admin endpoint (``zeoraid.admin``) in its own threads, off the ZEO
+  port, so database clients cannot manage the RAID;
+* a pid file that is always written (runzeo skips it for read-only
+  servers) and removed on exit;
+* signals: SIGTERM/SIGINT stop the event loop and close the storages (the
+  RAID aborts in-flight transactions and closes its backends), SIGUSR2
+  reopens the log files, SIGHUP re-reads the RAID backends from the
+  configuration file (runzeo would exit instead).
+
+The configuration is runzeo's format with ``%import zeoraid``,
+``<raidstorage>`` sections and an optional ``<zeoraid>`` section (admin
+endpoint).  ``load_configuration`` and ``ServerSettings`` are shared with
+zeoraid-manager so both find the same admin socket.
+"""
+import logging
+import os
+import sys
+import threading
+
+import ZConfig
+import ZEO.runzeo
+
+from zeoraid.admin import AdminError
+from zeoraid.admin import AdminServer
+from zeoraid.admin import AdminService
+from zeoraid.admin import one_line
+from zeoraid.errors import RAIDError
+
+
+logger = logging.getLogger('zeoraid.server')
+
+SCHEMA_DIR = os.path.dirname(os.path.abspath(__file__))
+SCHEMA_FILE = 'schema.xml'
+
+_schema = None
+_schema_lock = threading.Lock()
+
+
+def load_schema():
+    """The zeoraid server schema (loaded once per process)."""
+    global _schema
+    with _schema_lock:
+        if _schema is None:
+            _schema = ZConfig.loadSchema(os.path.join(SCHEMA_DIR,
+                                                      SCHEMA_FILE))
+        return _schema
+
+
+def load_configuration(path):
+    """Parse a zeoraid server configuration file; return its root.
+
+    Raises ZConfig.ConfigurationError (or OSError) with the reason.
+    """
+    root, _ = ZConfig.loadConfig(load_schema(), path)
+    return root
+
+
+def storage_name(section):
+    """The served name of a storage section (runzeo names an unnamed one
+    '1')."""
+    return section.name if section.name is not None else '1'
+
+
+def is_raid_section(section):
+    """True for the opener of a ``<raidstorage>`` section."""
+    config = getattr(section, 'config', None)
+    return (config is not None
+            and config.getSectionType() == 'raidstorage')
+
+
+def backend_openers(section):
+    """[(backend name, opener)] of a ``<raidstorage>`` section's backends.
+
+    The very list the RAID gets when it is opened from that section, so a
+    reload compares like with like.
+    """
+    backends = getattr(section, 'backends', None)
+    if backends is None:
+        backends = [(o.name, o.open) for o in section.config.storages]
+    return list(backends)
+
+
+class ServerSettings:
+    """Where a zeoraid server keeps its files and admin endpoint.
+
+    Derived from a parsed configuration exactly the same way in the server
+    and in zeoraid-manager.
+    """
+
+    def __init__(self, root, configfile):
+        self.configfile = (os.path.abspath(configfile)
+                           if configfile else None)
+        zeo = root.zeo
+        address = zeo.address
+        self.address = getattr(address, 'address', address)
+        pidfile = zeo.pid_filename
+        if not pidfile and os.environ.get('INSTANCE_HOME'):
+            # runzeo's fallback
+            pidfile = os.path.join(os.environ['INSTANCE_HOME'], 'var',
+                                   'ZEO.pid')
+        self.pidfile = os.path.abspath(pidfile) if pidfile else None
+        section = getattr(root, 'zeoraid', None)
+        self.admin_socket = getattr(section, 'admin_socket', None)
+        if not self.admin_socket:
+            base = self.pidfile or self.configfile
+            if base is None:
+                raise AdminError('cannot place the admin socket: set'
+                                 ' admin-socket in <zeoraid> or a pid file')
+            self.admin_socket = os.path.splitext(base)[0] + '.admin.sock'
+        self.admin_socket = os.path.abspath(self.admin_socket)
+        self.admin_address = getattr(section, 'admin_address', None)
+        self.token_file = getattr(section, 'admin_token_file', None)
+        self.runner = getattr(root, 'runner', None)
+        self.storage_names = [storage_name(s) for s in root.storages]
+        self.raid_storage_names = [storage_name(s) for s in root.storages
+                                   if is_raid_section(s)]
+        self.eventlog = getattr(root, 'eventlog', None)
+
+    def base(self):
+        """Path prefix for files that default to 'next to the pid file'."""
+        return os.path.splitext(self.pidfile or self.configfile
+                                or self.admin_socket)[0]
+
+
+class ZEORaidOptions(ZEO.runzeo.ZEOOptions):
+    """Usage: zeoraid -C zeoraid.conf
+
+    Runs a ZEO server for RAID storages.  The configuration is runzeo's
+    format plus "%import zeoraid", <raidstorage> sections and an optional
+    <zeoraid> section (admin-socket, admin-address, admin-token-file).
+
+    Options:
+    -C/--configure URL -- configuration file
+    -h/--help -- print this usage message and exit
+
+    Signals: SIGTERM/SIGINT stop cleanly, SIGUSR2 reopens the log files,
+    SIGHUP reloads the RAID backends from the configuration file.
+    """
+
+    schemadir = SCHEMA_DIR
+    schemafile = SCHEMA_FILE
+
+    def realize(self, *args, **kw):
+        super().realize(*args, **kw)
+        if self.configfile is None:
+            self.usage('a configuration file is required; use -C')
+
+
+class ZEORaidServer(ZEO.runzeo.ZEOServer):
+    """runzeo's ZEOServer with the admin endpoint and RAID signals."""
+
+    admin = None
+    settings = None
+    _loop = None
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.storages = {}
+        self._reload_lock = threading.Lock()
+
+    def main(self):
+        self.setup_default_logging()
+        self.check_socket()
+        self.clear_socket()
+        self._get_pidfile()
+        self.create_admin()
+        try:
+            self.make_pidfile()
+            self.setup_signals()
+            self.open_storages()
+            self.create_server()
+            self.start_admin()
+            self.loop_forever()
+        finally:
+            self.close_admin()
+            self.close_server()
+            self.close_loop()
+            self.clear_socket()
+            self.remove_pidfile()
+
+    # admin endpoint
+
+    def create_admin(self):
+        """Bind the admin socket(s) before anything else starts."""
+        try:
+            self.settings = ServerSettings(self.options.configroot,
+                                           self.options.configfile)
+            self.admin = AdminServer(self.settings.admin_socket,
+                                     self.settings.admin_address,
+                                     self.settings.token_file)
+        except AdminError as e:
+            self.options.usage(str(e))
+
+    def create_server(self):
+        super().create_server()
+        addr = self.server.acceptor.addr
+        if isinstance(addr, tuple):
+            addr = '%s:%s' % addr[:2]
+        log('serving storages %s on %s; admin socket %s'
+            % (', '.join(sorted(self.storages)), addr,
+               self.settings.admin_socket))
+
+    def start_admin(self):
+        self.admin.start(AdminService(self.storages,
+                                      reload=self.reload_storage))
+
+    def close_admin(self):
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
+
+    # event loop and shutdown
+
+    def loop_forever(self):
+        """Run the ZEO event loop until a signal stops it.
+
+        Unlike runzeo, the loop is stopped (not unwound by an exception
+        raised in the middle of a storage call) and is not closed, so
+        closing the server afterwards works.
+        """
+        self._loop = self.server.acceptor.event_loop
+        self._loop.run_forever()
+        log('event loop stopped')
+
+    def close_server(self):
+        if self.server is not None:
+            super().close_server()
+        else:
+            # stopped while opening: close what was opened
+            for name, storage in self.storages.items():
+                try:
+                    storage.close()
+                except Exception:
+                    logger.exception('closing storage %r', name)
+
+    def close_loop(self):
+        """Close the stopped loop now, not in a garbage collector's
+        ``__del__`` at interpreter exit (which fails noisily)."""
+        loop = self._loop
+        self._loop = None
+        if loop is not None and not loop.is_running() \
+                and not loop.is_closed():
+            loop.close()
+
+    def _stop(self, why):
+        log('terminated by %s' % why)
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        else:
+            sys.exit(0)
+
+    def handle_sigterm(self):
+        self._stop('SIGTERM')
+
+    def handle_sigint(self):
+        self._stop('SIGINT')
+
+    def handle_sigusr2(self):
+        # Reopen from the loop thread, between callbacks, never in the
+        # middle of a log record being written.
+        loop = self._loop
+        reopen = super().handle_sigusr2
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(reopen)
+        else:
+            reopen()
+
+    def handle_sighup(self):
+        log('SIGHUP: reloading the RAID configuration')
+        threading.Thread(target=self._reload_all, name='zeoraid-reload',
+                         daemon=True).start()
+
+    def _reload_all(self):
+        try:
+            diffs = self.reload_storage(None)
+        except RAIDError as e:
+            log('reload refused: %s' % one_line(e), logging.ERROR)
+            return
+        except Exception:
+            logger.exception('reload failed')
+            return
+        for diff in diffs:
+            log('reloaded storage %(storage)r: added %(added)s, removed'
+                ' %(removed)s, kept %(kept)s' % diff)
+
+    # pid file: always written, even for a read-only server
+
+    def make_pidfile(self):
+        pidfile = self.options.pid_file
+        if pidfile is None:
+            return
+        tmp = '%s.%d.tmp' % (pidfile, os.getpid())
+        try:
+            with open(tmp, 'w') as f:
+                f.write('%d\n' % os.getpid())
+            os.rename(tmp, pidfile)
+            log("created PID file '%s'" % pidfile)
+        except OSError as e:
+            logger.error("PID file '%s' cannot be written: %s", pidfile, e)
+
+    def remove_pidfile(self):
+        pidfile = self.options.pid_file
+        if pidfile is None:
+            return
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip() or 0)
+            if pid == os.getpid():
+                os.unlink(pidfile)
+                log("removed PID file '%s'" % pidfile)
+        except (OSError, ValueError):
+            pass
+
+    # reload
+
+    def reload_storage(self, name=None, dry_run=False):
+        """Re-read the configuration file and apply its backend lists.
+
+        name: one served RAID storage, or None for all of them (SIGHUP).
+        Returns the diff of that storage, or a list of diffs for all.
+        Nothing changes unless the file parses and every RAID accepts its
+        new backend list in a dry run first.  Only backend lists are
+        reloaded; other changed settings need a restart.
+        """
+        with self._reload_lock:
+            configfile = self.options.configfile
+            try:
+                root = load_configuration(configfile)
+            except (ZConfig.ConfigurationError, OSError) as e:
+                raise RAIDError('configuration %s does not parse, nothing'
+                                ' changed: %s' % (configfile, one_line(e)))
+            sections = {storage_name(s): s for s in root.storages}
+            raids = {n: s for n, s in self.storages.items()
+                     if callable(getattr(s, 'raid_reload', None))}
+            targets = [name] if name is not None else sorted(raids)
+            plan = {}
+            for target in targets:
+                if target not in raids:
+                    raise RAIDError('storage %r is not a RAID storage'
+                                    % target)
+                section = sections.get(target)
+                if section is None:
+                    raise RAIDError(
+                        'storage %r is missing from %s; removing a storage'
+                        ' needs a restart, nothing changed'
+                        % (target, configfile))
+                if not is_raid_section(section):
+                    raise RAIDError(
+                        'storage %r in %s is no longer a <raidstorage>;'
+                        ' that needs a restart, nothing changed'
+                        % (target, configfile))
+                plan[target] = backend_openers(section)
+            diffs = {target: raids[target].raid_reload(plan[target],
+                                                       dry_run=True)
+                     for target in targets}
+            if not dry_run:
+                diffs = {target: raids[target].raid_reload(plan[target])
+                         for target in targets}
+            results = []
+            for target in targets:
+                diff = dict(diffs[target])
+                diff.update(storage=target, dry_run=bool(dry_run))
+                if not dry_run:
+                    log('reload of storage %r: added %s, removed %s'
+                        % (target, diff.get('added'), diff.get('removed')))
+                results.append(diff)
+            return results[0] if name is not None else results
+
+
+def log(msg, level=logging.INFO):
+    logger.log(level, '(%d) %s', os.getpid(), msg)
+
+
+def main(args=None):
+    options = ZEORaidOptions()
+    options.realize(args)
+    ZEORaidServer(options).main()
+
+
+if __name__ == '__main__':
+    main()
