@@ -131,6 +131,7 @@ class Backend:
         self.abort_takes_timeout = False
         self.pack_takes_gc = False
         self.blob_temp_dir = None
+        self.last_recovery = None    # recovery.Progress of the last one
 
     def __repr__(self):
         return '<Backend %s %s>' % (self.name, self.state)
@@ -156,6 +157,11 @@ class Backend:
             self._inspect(storage)
         finally:
             self._opened.set()
+
+    def reset_opener(self):
+        """Allow another open attempt (recovery of a never-opened one)."""
+        self._opened.clear()
+        self.open_error = None
 
     def wait_opened(self, timeout):
         """True if opening finished (successfully or not) within timeout."""

@@ -68,6 +68,7 @@ class Commit:
         self.stored_data = None  # oid -> data, for client-side resolution
         self.undone_oids = []
         self.voted = False
+        self.nbytes = 0          # size of the data stored (recovery credit)
 
     # -- helpers -----------------------------------------------------------
 
@@ -106,6 +107,7 @@ class Commit:
                                               self.status))
 
     def store(self, oid, serial, data):
+        self.nbytes += len(data or b'')
         if self.stored_data is not None:
             self.stored_data[oid] = data
         self.pipeline('store', oid, serial, data, '')

@@ -49,6 +49,9 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
         if config.shared_blob_dir and not config.blob_dir:
             raise ValueError('<raidstorage %s>: shared-blob-dir needs '
                              'blob-dir' % self.name)
+        if config.recovery_txn_rate < 0 or config.recovery_byte_rate < 0:
+            raise ValueError('<raidstorage %s>: recovery rates must not be '
+                             'negative' % self.name)
         self.backends = backend_openers(config)
 
     def open(self, database_name='unnamed', databases=None):
@@ -58,4 +61,6 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
             self.name, self.backends, read_only=c.read_only,
             cluster_mode=c.cluster_mode, fail_mode=c.fail_mode,
             blob_dir=c.blob_dir, shared_blob_dir=c.shared_blob_dir,
-            timeout=c.timeout, pack_timeout=c.pack_timeout)
+            timeout=c.timeout, pack_timeout=c.pack_timeout,
+            recovery_txn_rate=c.recovery_txn_rate,
+            recovery_byte_rate=c.recovery_byte_rate)

@@ -379,7 +379,7 @@ def log(msg, level=logging.INFO):
 
 def main(args=None):
     options = ZEORaidOptions()
-    options.realize(args)
+    options.realize(args, progname='zeoraid')
     ZEORaidServer(options).main()
 
 

@@ -9,6 +9,8 @@ methods with hasattr, so the RAID exposes exactly what it supports.
 """
 import base64
 import binascii
+import bisect
+import collections
 import logging
 import threading
 import time
@@ -44,6 +46,8 @@ from zeoraid.errors import RAIDFailedError
 logger = logging.getLogger('zeoraid')
 
 CLUSTER_MODES = ('single', 'coop')
+#: How many recent commit tids the RAID remembers (recovery's backlog).
+RECENT_TIDS = 100000
 FAIL_MODES = ('close', 'read-only')
 
 #: Interfaces the RAID declares when every open backend provides them.
@@ -63,7 +67,8 @@ class RAIDStorage:
 
     def __init__(self, name, backends, *, read_only=False,
                  cluster_mode='single', fail_mode='close', blob_dir=None,
-                 shared_blob_dir=False, timeout=10.0, pack_timeout=86400.0):
+                 shared_blob_dir=False, timeout=10.0, pack_timeout=86400.0,
+                 recovery_txn_rate=0, recovery_byte_rate=0):
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError('cluster-mode must be one of %s, not %r'
                              % ('|'.join(CLUSTER_MODES), cluster_mode))
@@ -99,10 +104,18 @@ class RAIDStorage:
         self._oid = z64
         self._tid_floor = z64  # no new tid at or below it (see pack)
         self._foreign_tids = set()
+        self.recovery_txn_rate = recovery_txn_rate
+        self.recovery_byte_rate = recovery_byte_rate
+        self._recovery = None        # the running Recovery, if any
+        self._packing = False
+        self._recent_tids = collections.deque(maxlen=RECENT_TIDS)
         self._blobs = BlobPlacement(blob_dir, shared_blob_dir)
         self._blob_dir = blob_dir
         self._backends = [Backend(n, opener, name) for n, opener in backends]
         self._open_backends(self._backends)
+        for backend in self._backends:
+            if backend.storage is not None:
+                backend.set_state(OPTIMAL, None)
         self._check_blob_settings()
         self._declare_interfaces()
         self._set_start_state()
@@ -116,10 +129,11 @@ class RAIDStorage:
         deadline = time.monotonic() + self.timeout
         for backend in backends:
             if not backend.wait_opened(max(0, deadline - time.monotonic())):
-                backend.degrade('open timed out after %gs' % self.timeout)
+                backend.set_state(DEGRADED, 'open timed out after %gs'
+                                  % self.timeout)
             elif backend.storage is None:
-                backend.degrade('open failed: %s'
-                                % fanout.describe(backend.open_error))
+                backend.set_state(DEGRADED, 'open failed: %s'
+                                  % fanout.describe(backend.open_error))
             else:
                 self._attach(backend)
 
@@ -129,7 +143,6 @@ class RAIDStorage:
         storage.registerDB(BackendUpcalls(self, backend))
         if backend.supports_blobs:
             backend.blob_temp_dir = storage.temporaryDirectory()
-        backend.set_state(OPTIMAL, None)
 
     def _check_blob_settings(self):
         opened = [b for b in self._backends if b.storage is not None]
@@ -530,6 +543,10 @@ class RAIDStorage:
                 func(commit.tid)
                 with self._lock:
                     self._ltid = commit.tid
+                    self._recent_tids.append(commit.tid)
+            recovery = self._recovery
+            if recovery is not None:
+                recovery.limiter.credit(1, commit.nbytes)
             return commit.tid
         finally:
             self._end(commit, committed)
@@ -589,6 +606,22 @@ class RAIDStorage:
     def pack(self, t, referencesf, gc=None):
         """Pack every optimal backend in parallel, with the pack deadline."""
         self._check_writable()
+        with self._lock:
+            if self._recovery is not None:
+                raise RAIDError(
+                    'pack refused: backend %s of RAID %s is recovering; '
+                    'pack again when recovery has finished'
+                    % (self._recovery.target.name, self._name))
+            if self._packing:
+                raise RAIDError('pack refused: RAID %s is packing already'
+                                % self._name)
+            self._packing = True
+        try:
+            self._pack(t, referencesf, gc)
+        finally:
+            self._packing = False
+
+    def _pack(self, t, referencesf, gc):
         optimal = self._optimal()
         if gc is not None and not all(b.pack_takes_gc for b in optimal):
             raise ZODB.POSException.Unsupported(
@@ -691,7 +724,96 @@ class RAIDStorage:
         return 'degraded'
 
     def raid_details(self):
-        return {b.name: b.details() for b in self._backends}
+        details = {}
+        for backend in self._backends:
+            info = backend.details()
+            if backend.last_recovery is not None:
+                info['recovery'] = backend.last_recovery.as_dict()
+            details[backend.name] = info
+        return details
+
+    def raid_recover(self, name, verify_all=False):
+        """Start recovering a degraded backend in the background."""
+        from zeoraid.recovery import RateLimiter
+        from zeoraid.recovery import Recovery
+        target = self._backend(name)
+        with self._lock:
+            if self._recovery is not None:
+                raise RAIDError(
+                    'recovery refused: backend %s of RAID %s is recovering '
+                    'already; only one recovery runs at a time'
+                    % (self._recovery.target.name, self._name))
+            if self._packing:
+                raise RAIDError('recovery refused: RAID %s is packing; '
+                                'recover when the pack has finished'
+                                % self._name)
+            if target.state == OPTIMAL:
+                raise RAIDError('backend %s of RAID %s is optimal: nothing '
+                                'to recover' % (name, self._name))
+            sources = [b for b in self._optimal() if b is not target]
+            if not sources:
+                raise RAIDError('recovery refused: RAID %s has no optimal '
+                                'backend to copy from' % self._name)
+            target.set_state(RECOVERING, 'recovering from %s'
+                             % sources[0].name)
+            recovery = Recovery(
+                self, target, sources[0],
+                RateLimiter(self.recovery_txn_rate, self.recovery_byte_rate),
+                verify_all=verify_all)
+            target.last_recovery = recovery.progress
+            self._recovery = recovery
+        if target.storage is None:
+            self._reopen(target)
+            if target.storage is None:
+                with self._lock:
+                    self._recovery = None
+                target.set_state(DEGRADED, target.reason)
+                raise RAIDError('recovery refused: backend %s cannot be '
+                                'opened (%s)' % (name, target.reason))
+            target.set_state(RECOVERING, 'recovering from %s'
+                             % sources[0].name)
+        recovery.start()
+        return 'recovery of backend %s of RAID %s started from %s' % (
+            name, self._name, sources[0].name)
+
+    def _reopen(self, backend):
+        """Open a backend that could not be opened before."""
+        backend.reset_opener()
+        self._open_backends([backend])
+
+    def _commits_since(self, start):
+        """How many RAID commits have a tid >= start (bounded memory)."""
+        tids = self._recent_tids
+        with self._lock:
+            if tids and tids[0] > start and len(tids) == tids.maxlen:
+                return len(tids)
+            return len(tids) - bisect.bisect_left(tids, start)
+
+    def _recovery_finished(self, recovery):
+        """Called by the recovery with the commit lock held."""
+        target = recovery.target
+        target.set_state(OPTIMAL, None)
+        recovery.progress.phase = 'done'
+        logger.warning('raid=%s backend=%s recovered: %d transactions, %d '
+                       'bytes copied from %s; last tid %s', self._name,
+                       target.name, recovery.progress.txns_copied,
+                       recovery.progress.bytes_copied, recovery.source.name,
+                       target.last_tid.hex())
+        with self._lock:
+            self._recovery = None
+
+    def _recovery_failed(self, recovery, exc):
+        target = recovery.target
+        recovery.progress.phase = 'failed'
+        target.set_state(DEGRADED, 'recovery failed: %s'
+                         % fanout.describe(exc))
+        with self._lock:
+            if self._recovery is recovery:
+                self._recovery = None
+
+    def raid_recovery(self):
+        """The running recovery (tests and the manager wait on it)."""
+        return self._recovery
 
     def raid_backend_names(self):
         return [b.name for b in self._backends]
@@ -748,7 +870,8 @@ class RAIDStorage:
         try:
             for backend in new:
                 if backend.storage is not None:
-                    backend.degrade('added by reload, needs recovery')
+                    backend.set_state(DEGRADED,
+                                      'added by reload, needs recovery')
             self._backends = [b for b in self._backends
                               if b.name not in removed] + new
         finally:

@@ -504,9 +504,25 @@ def _logfile(settings):
         path = getattr(getattr(factory, 'section', None), 'path', None)
         if path and path not in ('STDOUT', 'STDERR'):
             return path
+    return _transcript(settings)
+
+
+def _transcript(settings):
+    runner = settings.runner
     if runner is not None and getattr(runner, 'transcript', None):
         return runner.transcript
     return settings.base() + '.transcript.log'
+
+
+def _last_lines(path, count=5):
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode('utf-8', 'replace').splitlines()
+    except OSError as e:
+        return '(cannot read it: %s)' % e.strerror
+    return '\n'.join(line for line in lines[-count:])
 
 
 def _run_zdaemon(ctx, action, capture=False):
@@ -609,8 +625,12 @@ def cmd_pid(ctx):
 def cmd_start(ctx):
     code, output = _run_zdaemon(ctx, ['start'], capture=True)
     sys.stdout.write(output)
-    if code or ctx.options.no_wait:
-        return code
+    if code:
+        transcript = _transcript(ctx.settings)
+        raise Failure('start failed (zdaemon exit %d); last lines of %s:'
+                      '\n%s' % (code, transcript, _last_lines(transcript)))
+    if ctx.options.no_wait:
+        return OK
     # Wait until the server answers on its admin endpoint: then it has
     # opened its storages and serves the ZEO port.
     deadline = time.monotonic() + START_WAIT

@@ -1,0 +1,541 @@
+"""Online recovery: bring a degraded backend back by copying what it lacks.
+
+    verify    the target's history must be a prefix of the source's
+              (tids, metadata and records of a window at the junction)
+    copy      source.iterator(start) -> target tpc_begin(txn, tid, status),
+              restore / storeBlob per record, vote, finish (tid checked);
+              a reader thread reads ahead while the target commits
+    finalize  with the RAID's commit lock held, copy the last few
+              transactions and make the target optimal atomically
+
+The copy is rate-limited (transactions/s and bytes/s), but every live
+commit adds its own transaction and bytes on top of the cap, so the copy
+always outpaces live traffic and the backlog shrinks.
+"""
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+
+import ZODB.blob
+import ZODB.interfaces
+import ZODB.POSException
+import ZODB.utils
+from persistent.TimeStamp import TimeStamp
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import maxtid
+from ZODB.utils import p64
+from ZODB.utils import u64
+from ZODB.utils import z64
+
+from zeoraid.backend import authoritative_last_tid
+from zeoraid.errors import RAIDError
+
+logger = logging.getLogger('zeoraid')
+
+#: Transactions left at which the final catch-up takes the commit lock.
+FINAL_CATCHUP = 20
+#: Seconds of history before the junction compared by verify.
+VERIFY_WINDOW_SECONDS = 300
+#: Transactions read ahead of the copier.
+READ_AHEAD = 64
+
+
+class RecoveryError(RAIDError):
+    """Recovery cannot go on (the message says why and what to do)."""
+
+
+class DivergedError(RecoveryError):
+    """The target holds history the source does not: full rebuild needed."""
+
+
+class RateLimiter:
+    """Caps transactions/s and bytes/s; live commits add credit on top.
+
+    The budget at time t is  cap * elapsed + credit  where credit is what
+    live commits added since the start. The copier may copy a transaction
+    when what it has copied (plus this one) fits into the budget. So the
+    copier runs at the cap plus the live rate: the backlog shrinks at the
+    cap's rate at least, whatever the live load. A cap of 0 is unlimited.
+    """
+
+    def __init__(self, txn_rate=0, byte_rate=0, clock=time.monotonic,
+                 sleep=time.sleep):
+        self.txn_rate = float(txn_rate or 0)
+        self.byte_rate = float(byte_rate or 0)
+        self.clock = clock
+        self.sleep = sleep
+        self.start = clock()
+        self.used_txns = 0
+        self.used_bytes = 0
+        self.credit_txns = 0
+        self.credit_bytes = 0
+        self._lock = threading.Lock()
+
+    def credit(self, txns, nbytes):
+        """A live commit happened: let the copier do as much more."""
+        with self._lock:
+            self.credit_txns += txns
+            self.credit_bytes += nbytes
+
+    def delay(self, nbytes):
+        """Seconds to wait before copying a transaction of nbytes."""
+        with self._lock:
+            elapsed = self.clock() - self.start
+            waits = [0.0]
+            if self.txn_rate:
+                need = self.used_txns + 1 - self.credit_txns
+                waits.append(need / self.txn_rate - elapsed)
+            if self.byte_rate:
+                need = self.used_bytes + nbytes - self.credit_bytes
+                waits.append(need / self.byte_rate - elapsed)
+            return max(waits)
+
+    def acquire(self, nbytes, stop=None):
+        """Wait until a transaction of nbytes may be copied; count it."""
+        while True:
+            wait = self.delay(nbytes)
+            if wait <= 0:
+                break
+            if stop is not None and stop.is_set():
+                return False
+            self.sleep(min(wait, 0.5))
+        with self._lock:
+            self.used_txns += 1
+            self.used_bytes += nbytes
+        return True
+
+
+def txn_size(txn):
+    return sum(len(r.data or b'') for r in txn)
+
+
+def describe(exc):
+    text = str(exc)
+    return '%s: %s' % (type(exc).__name__, text) if text else \
+        type(exc).__name__
+
+
+class Progress:
+    """What a running (or the last) recovery reports to raid_details()."""
+
+    def __init__(self, source):
+        self.phase = 'verify'
+        self.source = source
+        self.started = time.time()
+        self.txns_copied = 0
+        self.bytes_copied = 0
+        self.copied_tid = None
+        self.newest_tid = None
+        self.error = None
+        self.finished = None
+
+    def as_dict(self):
+        elapsed = max(time.time() - self.started, 1e-9)
+        rate = self.txns_copied / elapsed
+        behind = None
+        eta = None
+        if self.copied_tid and self.newest_tid:
+            behind = max(0.0, _tid_time(self.newest_tid)
+                         - _tid_time(self.copied_tid))
+            covered = _tid_time(self.copied_tid) - self._first_time
+            if covered > 0 and self.phase == 'copy':
+                eta = behind / (covered / elapsed)
+        return {
+            'phase': self.phase,
+            'source': self.source,
+            'started': self.started,
+            'finished': self.finished,
+            'txns_copied': self.txns_copied,
+            'bytes_copied': self.bytes_copied,
+            'rate_txn_s': round(rate, 1),
+            'rate_bytes_s': round(self.bytes_copied / elapsed, 1),
+            'copied_tid': self.copied_tid.hex() if self.copied_tid else None,
+            'backlog_seconds': (round(behind, 3) if behind is not None
+                                else None),
+            'eta_seconds': round(eta, 1) if eta is not None else None,
+            'error': self.error,
+        }
+
+    _first_time = 0.0
+
+    def start_copy(self, first_tid):
+        self.phase = 'copy'
+        self._first_time = _tid_time(first_tid) if first_tid != z64 else 0.0
+
+
+def _tid_time(tid):
+    return TimeStamp(tid).timeTime()
+
+
+class Recovery:
+    """One recovery of one target backend, run in a thread of its own."""
+
+    def __init__(self, raid, target, source, limiter, verify_all=False):
+        self.raid = raid
+        self.target = target
+        self.source = source
+        self.limiter = limiter
+        self.verify_all = verify_all
+        self.progress = Progress(source.name)
+        self.stop_requested = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(
+            target=self.run, name='zeoraid-recover-%s' % target.name,
+            daemon=True)
+
+    @property
+    def timeout(self):
+        return self.raid.timeout
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.stop_requested.set()
+
+    # -- the three phases ----------------------------------------------------
+
+    def run(self):
+        try:
+            start = self.verify()
+            self.copy(start)
+        except Exception as exc:
+            self.progress.error = describe(exc)
+            self.raid._recovery_failed(self, exc)
+        finally:
+            self.progress.finished = time.time()
+            self.done.set()
+
+    def verify(self):
+        """Return the first tid to copy, or raise DivergedError."""
+        self.progress.phase = 'verify'
+        target_last = self.target.call(self.timeout, authoritative_last_tid)
+        self.target.last_tid = target_last
+        if target_last == z64:
+            logger.warning('raid=%s backend=%s recovery: target is empty, '
+                           'full rebuild from %s', self.raid.getName(),
+                           self.target.name, self.source.name)
+            return z64
+        if self.verify_all:
+            window_start = z64
+        else:
+            window_start = TimeStamp(*time.gmtime(
+                _tid_time(target_last) - VERIFY_WINDOW_SECONDS)[:5] + (
+                0.0,)).raw()
+        source_txns = self._read_range(self.source, window_start, target_last)
+        target_txns = self._read_range(self.target, window_start, target_last)
+        if not source_txns or source_txns[-1].tid != target_last:
+            raise DivergedError(
+                'backend %s has transaction %s which source %s does not '
+                'have: it committed something the RAID did not (unknown '
+                'outcome?). It needs a full rebuild: stop its server, move '
+                'its storage away so it starts empty, then recover again.'
+                % (self.target.name, target_last.hex(), self.source.name))
+        for mine, theirs in zip(target_txns, source_txns):
+            difference = compare_transactions(theirs, mine)
+            if difference:
+                raise DivergedError(
+                    'backend %s diverges from %s at transaction %s (%s). It '
+                    'needs a full rebuild: stop its server, move its '
+                    'storage away so it starts empty, then recover again.'
+                    % (self.target.name, self.source.name,
+                       (mine.tid or theirs.tid).hex(), difference))
+        if len(target_txns) != len(source_txns):
+            raise DivergedError(
+                'backend %s has %d transactions between %s and %s, source '
+                '%s has %d: it needs a full rebuild' % (
+                    self.target.name, len(target_txns), window_start.hex(),
+                    target_last.hex(), self.source.name, len(source_txns)))
+        return p64(u64(target_last) + 1)
+
+    def _read_range(self, backend, start, stop):
+        def read(storage):
+            it = storage.iterator(start, stop)
+            try:
+                return [_materialize(t) for t in it]
+            finally:
+                close = getattr(it, 'close', None)
+                if close is not None:
+                    close()
+        return backend.call(max(self.timeout, 60), read)
+
+    def copy(self, start):
+        """Copy from start until caught up; finalize under the lock."""
+        self.progress.start_copy(start)
+        self.progress.newest_tid = self.raid.lastTransaction()
+        while True:
+            if self.stop_requested.is_set():
+                raise RecoveryError('recovery stopped on request')
+            newest = self.raid.lastTransaction()
+            self.progress.newest_tid = newest
+            if start > newest:
+                if self._finalize(start):
+                    return
+                continue
+            start = self._copy_range(start, final=False)
+            if self._backlog_small(start):
+                if self._finalize(start):
+                    return
+
+    def _backlog_small(self, start):
+        newest = self.raid.lastTransaction()
+        return start > newest or self.raid._commits_since(start) \
+            <= FINAL_CATCHUP
+
+    def _finalize(self, start):
+        """Copy the rest with the commit lock held; make target optimal."""
+        raid = self.raid
+        if not raid._commit_lock.acquire(timeout=self.timeout):
+            return False   # busy: go on copying and try again
+        try:
+            self.progress.phase = 'finalize'
+            newest = raid.lastTransaction()
+            if newest >= start:
+                if raid._commits_since(start) > FINAL_CATCHUP * 5:
+                    self.progress.phase = 'copy'
+                    return False
+                start = self._copy_range(start, final=True)
+            target_last = self.target.call(self.timeout,
+                                           authoritative_last_tid)
+            if target_last != raid.lastTransaction():
+                raise RecoveryError(
+                    'after the final catch-up backend %s is at %s, RAID at '
+                    '%s' % (self.target.name, target_last.hex(),
+                            raid.lastTransaction().hex()))
+            self.target.last_tid = target_last
+            raid._recovery_finished(self)
+            return True
+        finally:
+            raid._commit_lock.release()
+
+    def _copy_range(self, start, final):
+        """Copy transactions >= start with read-ahead; return next start."""
+        stop_reader = threading.Event()
+        pipe = queue.Queue(maxsize=READ_AHEAD)
+        reader = threading.Thread(
+            target=self._read_ahead, args=(start, pipe, stop_reader),
+            name='zeoraid-recover-read-%s' % self.target.name, daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = pipe.get(timeout=max(self.timeout * 2, 30))
+                if item is None:
+                    return start
+                if isinstance(item, Exception):
+                    self._source_failed(item)
+                    return start
+                nbytes = txn_size(item)
+                if not final and not self.limiter.acquire(
+                        nbytes, self.stop_requested):
+                    raise RecoveryError('recovery stopped on request')
+                self._copy_one(item)
+                self.progress.txns_copied += 1
+                self.progress.bytes_copied += nbytes
+                self.progress.copied_tid = item.tid
+                start = p64(u64(item.tid) + 1)
+                if self.stop_requested.is_set():
+                    raise RecoveryError('recovery stopped on request')
+        except queue.Empty:
+            self._source_failed(RecoveryError(
+                'source %s gave no transaction for %gs'
+                % (self.source.name, max(self.timeout * 2, 30))))
+            return start
+        finally:
+            stop_reader.set()
+            # Unblock a reader waiting on a full pipe.
+            try:
+                while True:
+                    pipe.get_nowait()
+            except queue.Empty:
+                pass
+
+    def _read_ahead(self, start, pipe, stop):
+        """Read source transactions into the pipe (runs in its own thread)."""
+        try:
+            iterator = self.source.call(
+                self.timeout, lambda s: iter(s.iterator(start)))
+            while not stop.is_set():
+                try:
+                    txn = self.source.call(self.timeout, _next_materialized,
+                                           iterator)
+                except StopIteration:
+                    break
+                txn.blobs = self._fetch_blobs(txn)
+                while not stop.is_set():
+                    try:
+                        pipe.put(txn, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+            close = getattr(iterator, 'close', None)
+            if close is not None:
+                close()
+            item = None
+        except Exception as exc:
+            item = exc
+        while not stop.is_set():
+            try:
+                pipe.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _fetch_blobs(self, txn):
+        """oid -> path of a private copy of each blob of the transaction."""
+        if not ZODB.interfaces.IBlobStorage.providedBy(self.target.storage):
+            return {}
+        blobs = {}
+        for record in txn:
+            if not (record.data and ZODB.blob.is_blob_record(record.data)):
+                continue
+            try:
+                path = self.source.call(
+                    max(self.timeout, 60),
+                    lambda s: s.loadBlob(record.oid, record.tid))
+            except ZODB.POSException.POSKeyError:
+                logger.warning('raid=%s recovery: blob %s@%s missing on '
+                               'source %s', self.raid.getName(),
+                               record.oid.hex(), record.tid.hex(),
+                               self.source.name)
+                continue
+            fd, copy = tempfile.mkstemp(
+                suffix='.tmp', dir=self.target.blob_temp_dir)
+            os.close(fd)
+            shutil.copyfile(path, copy)
+            blobs[record.oid] = copy
+        return blobs
+
+    def _copy_one(self, txn):
+        """Commit one source transaction on the target with its own tid."""
+        def copy(storage):
+            restore_blob = getattr(storage, 'restoreBlob', None)
+            storage.tpc_begin(txn, txn.tid, txn.status)
+            try:
+                for record in txn:
+                    blob = txn.blobs.get(record.oid)
+                    if blob is None:
+                        storage.restore(record.oid, record.tid, record.data,
+                                        '', record.data_txn, txn)
+                    elif restore_blob is not None:
+                        restore_blob(record.oid, record.tid, record.data,
+                                     blob, record.data_txn, txn)
+                    else:
+                        # ZEO has no restoreBlob: store with the target's
+                        # current serial, in a transaction begun with the
+                        # source's tid, gives the same record.
+                        try:
+                            serial = ZODB.utils.load_current(
+                                storage, record.oid)[1]
+                        except ZODB.POSException.POSKeyError:
+                            serial = z64
+                        storage.storeBlob(record.oid, serial, record.data,
+                                          blob, '', txn)
+                storage.tpc_vote(txn)
+                tid = storage.tpc_finish(txn)
+            except BaseException:
+                storage.tpc_abort(txn)
+                raise
+            finally:
+                for path in txn.blobs.values():
+                    if os.path.exists(path):
+                        os.remove(path)
+            if tid is not None and tid != txn.tid:
+                raise RecoveryError(
+                    'target %s committed %s as %s' % (
+                        self.target.name, txn.tid.hex(), tid.hex()))
+            return tid
+        self.target.call_ordered(max(self.timeout, 60), copy)
+
+    def _source_failed(self, exc):
+        """The source failed: continue from another optimal backend."""
+        self.raid._degrade(self.source, 'recovery source failed: %s'
+                           % describe(exc))
+        candidates = [b for b in self.raid._optimal()
+                      if b is not self.target]
+        if not candidates:
+            raise RecoveryError('source %s failed (%s) and no other optimal '
+                                'backend can take over'
+                                % (self.source.name, describe(exc)))
+        logger.warning('raid=%s backend=%s recovery: source %s failed (%s), '
+                       'continuing from %s', self.raid.getName(),
+                       self.target.name, self.source.name, describe(exc),
+                       candidates[0].name)
+        self.source = candidates[0]
+        self.progress.source = self.source.name
+
+
+def _next_materialized(storage, iterator):
+    return _materialize(next(iterator))
+
+
+class CopiedTransaction(TransactionMetaData):
+    """A source transaction read completely: metadata and records.
+
+    It is also the transaction object the target commits with, so user,
+    description and extension (raw bytes where the source kept them)
+    reach the target unchanged.
+    """
+
+    def __init__(self, info):
+        extension = vars(info).get('extension_bytes')
+        if extension is None:
+            extension = info.extension
+        TransactionMetaData.__init__(self, info.user, info.description,
+                                     extension)
+        self.tid = info.tid
+        self.status = info.status
+        self.records = [_Record(r) for r in info]
+        self.blobs = {}
+
+    def __iter__(self):
+        return iter(self.records)
+
+
+class _Record:
+    __slots__ = ('oid', 'tid', 'data', 'data_txn')
+
+    def __init__(self, r):
+        self.oid = r.oid
+        self.tid = r.tid
+        self.data = r.data
+        self.data_txn = r.data_txn
+
+
+def _materialize(info):
+    return CopiedTransaction(info)
+
+
+def compare_transactions(a, b):
+    """None if equal, else a short description of the first difference."""
+    if a.tid != b.tid:
+        return 'tid %s != %s' % (a.tid.hex(), b.tid.hex())
+    for field in ('status', 'user', 'description', 'extension'):
+        if getattr(a, field) != getattr(b, field):
+            return '%s differs' % field
+    ra = sorted((r.oid, r.data) for r in a)
+    rb = sorted((r.oid, r.data) for r in b)
+    if [oid for oid, _ in ra] != [oid for oid, _ in rb]:
+        return 'records of different objects'
+    for (oid, da), (_, db) in zip(ra, rb):
+        if da != db:
+            return 'data of object %s differs' % oid.hex()
+    return None
+
+
+def naive_copy(source, target, start=z64, stop=maxtid):
+    """One transaction at a time, no read-ahead: the benchmark's baseline."""
+    count = 0
+    for info in source.iterator(start, stop):
+        txn = CopiedTransaction(info)
+        target.tpc_begin(txn, txn.tid, txn.status)
+        for record in txn:
+            target.restore(record.oid, record.tid, record.data, '',
+                           record.data_txn, txn)
+        target.tpc_vote(txn)
+        target.tpc_finish(txn)
+        count += 1
+    return count
