@@ -132,6 +132,8 @@ class Backend:
         self.pack_takes_gc = False
         self.blob_temp_dir = None
         self.last_recovery = None    # recovery.Progress of the last one
+        self.read_latency = 0.0      # moving average of read calls (s)
+        self.reads_in_flight = 0
 
     def __repr__(self):
         return '<Backend %s %s>' % (self.name, self.state)
@@ -237,8 +239,19 @@ class Backend:
     def call(self, timeout, fn, *args, **kw):
         """Run fn(storage, *args) in a reader thread; wait up to timeout."""
         storage = self._require_storage()
-        future = self._readers.submit(fn, storage, *args, **kw)
-        return wait_for(future, timeout, 'backend %s' % self.name)
+        started = time.monotonic()
+        self.reads_in_flight += 1
+        try:
+            future = self._readers.submit(fn, storage, *args, **kw)
+            return wait_for(future, timeout, 'backend %s' % self.name)
+        finally:
+            self.reads_in_flight -= 1
+            elapsed = time.monotonic() - started
+            self.read_latency += (elapsed - self.read_latency) * 0.1
+
+    def read_cost(self):
+        """Expected wait for a read here: latency times queue length."""
+        return (self.read_latency + 1e-6) * (1 + self.reads_in_flight)
 
     def call_ordered(self, timeout, fn, *args, **kw):
         """Run fn(storage, *args) on the commit worker; wait up to timeout."""

@@ -19,6 +19,7 @@ import ZODB.POSException
 import ZODB.utils
 
 from zeoraid import fanout
+from zeoraid.errors import BackendsFailedError
 from zeoraid.errors import RAIDFailedError
 
 logger = logging.getLogger('zeoraid')
@@ -151,7 +152,7 @@ class Commit:
                 self._degrade(share.backend, fanout.describe(exc))
         verdict = self._decide(fanout.gather(futures, self.timeout))
         if verdict.error is not None:
-            raise verdict.error
+            raise self._for_client(verdict.error)
         result = verdict.value
         if isinstance(result, tuple) and len(result) == 2:
             oids = list(result[1])
@@ -197,7 +198,19 @@ class Commit:
         return verdict
 
     def _for_client(self, error):
-        """Give an application ConflictError what ZEO needs to pass it on."""
+        """The agreed error, in a form a ZODB client understands.
+
+        ZODB's own errors (conflicts, POSKeyError ...) pass unchanged; a
+        ConflictError gets the data ZEO's client-side resolution needs.
+        Anything else that every backend raised alike (a full disk on
+        all of them) is not the application's fault, but the replicas are
+        still identical: nobody is degraded, and the client gets a
+        StorageError that names the cause.
+        """
+        if not isinstance(error, ZODB.POSException.POSError):
+            return BackendsFailedError(
+                'RAID %s: every backend refused the transaction: %s'
+                % (self.raid.getName(), fanout.describe(error)))
         if (isinstance(error, ZODB.POSException.ConflictError)
                 and self.stored_data is not None
                 and getattr(error, 'oid', None)
@@ -222,6 +235,11 @@ class Commit:
                 share.finished = False
                 self._degrade(share.backend, 'unknown outcome: %s'
                               % fanout.describe(exc))
+        # Backends degraded earlier in this transaction still hold it
+        # open: end it there too.
+        for share in self.shares:
+            if not share.finished:
+                share.backend.abort(self.txn)
         committed = []
         for outcome in fanout.gather(futures, self.timeout):
             backend = outcome.backend

@@ -275,7 +275,8 @@ def print_banner(demo):
 zeoraid demo cluster is running.
 
   ZODB clients connect to   127.0.0.1:%(raid)d   (storage '1')
-  backends                  127.0.0.1:%(zeo1)d (zeo1), 127.0.0.1:%(zeo2)d (zeo2)
+  backends                  127.0.0.1:%(zeo1)d (zeo1)
+                            127.0.0.1:%(zeo2)d (zeo2)
   files and logs            %(var)s
 
 Connect from Python:

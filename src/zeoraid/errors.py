@@ -14,6 +14,11 @@ class RAIDFailedError(RAIDError):
     """No usable backend is left: the RAID cannot serve the request."""
 
 
+class BackendsFailedError(ZODB.POSException.StorageError):
+    """Every backend raised the same non-ZODB error: nobody is degraded,
+    the transaction is aborted everywhere, the cause is in the message."""
+
+
 class BackendTimeout(Exception):
     """A backend did not answer within the RAID's deadline."""
 

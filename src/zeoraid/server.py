@@ -157,6 +157,8 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
     admin = None
     settings = None
     _loop = None
+    _serving = False
+    _stopping = False
 
     def __init__(self, options):
         super().__init__(options)
@@ -198,6 +200,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
 
     def create_server(self):
         super().create_server()
+        self._loop = self.server.acceptor.event_loop
         addr = self.server.acceptor.addr
         if isinstance(addr, tuple):
             addr = '%s:%s' % addr[:2]
@@ -208,6 +211,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
     def start_admin(self):
         self.admin.start(AdminService(self.storages,
                                       reload=self.reload_storage))
+        self._serving = True
 
     def close_admin(self):
         if self.admin is not None:
@@ -223,8 +227,8 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
         raised in the middle of a storage call) and is not closed, so
         closing the server afterwards works.
         """
-        self._loop = self.server.acceptor.event_loop
         self._loop.run_forever()
+        self._serving = False
         log('event loop stopped')
 
     def close_server(self):
@@ -248,12 +252,16 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
             loop.close()
 
     def _stop(self, why):
+        if self._stopping:
+            log('%s: already stopping' % why)
+            return
+        self._stopping = True
         log('terminated by %s' % why)
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(loop.stop)
         else:
-            sys.exit(0)
+            sys.exit(0)         # still starting: unwind through main()
 
     def handle_sigterm(self):
         self._stop('SIGTERM')
@@ -272,6 +280,10 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
             reopen()
 
     def handle_sighup(self):
+        if not self._serving or self._stopping:
+            log('SIGHUP ignored: the server is not serving (yet)',
+                logging.WARNING)
+            return
         log('SIGHUP: reloading the RAID configuration')
         threading.Thread(target=self._reload_all, name='zeoraid-reload',
                          daemon=True).start()

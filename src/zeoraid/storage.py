@@ -243,6 +243,20 @@ class RAIDStorage:
         optimal = self._optimal()
         if optimal or self.fail_mode != 'read-only':
             return optimal
+        return self._fallback_readable()
+
+    def _spread(self):
+        """Backends for a load: the one expected to answer first leads.
+
+        Loads carry no cursor, so any optimal backend can answer; the
+        others follow for failover.
+        """
+        optimal = self._optimal()
+        if len(optimal) < 2:
+            return optimal or self._readable()
+        return sorted(optimal, key=lambda b: b.read_cost())
+
+    def _fallback_readable(self):
         # Read-only fail mode: the last backends to go are the freshest.
         rest = [b for b in self._backends if b.storage is not None]
         return sorted(rest, key=lambda b: -b.since)
@@ -279,10 +293,10 @@ class RAIDStorage:
                                self.fail_mode == 'read-only'):
             raise ReadOnlyError()
 
-    def _read(self, fn, *args):
+    def _read(self, fn, *args, spread=False):
         """Answer a read from one backend, failing over on errors."""
         self._check_usable()
-        for backend in self._readable():
+        for backend in (self._spread() if spread else self._readable()):
             try:
                 return backend.call(self.timeout, fn, *args)
             except fanout.READ_ANSWERS:
@@ -403,21 +417,21 @@ class RAIDStorage:
 
     def load(self, oid, version=''):
         self._wait_for_finish()
-        return self._read(lambda s: ZODB.utils.load_current(s, oid))
+        return self._read(lambda s: ZODB.utils.load_current(s, oid), spread=True)
 
     def loadBefore(self, oid, tid):
         self._wait_for_finish()
-        return self._read(lambda s: s.loadBefore(oid, tid))
+        return self._read(lambda s: s.loadBefore(oid, tid), spread=True)
 
     def loadSerial(self, oid, serial):
-        return self._read(lambda s: s.loadSerial(oid, serial))
+        return self._read(lambda s: s.loadSerial(oid, serial), spread=True)
 
     def getTid(self, oid):
         self._wait_for_finish()
-        return self._read(lambda s: s.getTid(oid))
+        return self._read(lambda s: s.getTid(oid), spread=True)
 
     def history(self, oid, size=1):
-        return self._read(lambda s: s.history(oid, size=size))
+        return self._read(lambda s: s.history(oid, size=size), spread=True)
 
     def prefetch(self, oids, tid):
         """Let a backend fetch ahead (ZEO clients' conn.prefetch())."""

@@ -20,7 +20,6 @@ import ZConfig
 
 from zeoraid.admin import AdminError
 from zeoraid.manager.client import AdminClient
-from zeoraid.manager.client import AdminRefused
 from zeoraid.manager.client import AdminUnreachable
 from zeoraid.manager.client import parse_address
 
@@ -181,6 +180,9 @@ class Context:
             except ValueError as e:
                 raise Failure(str(e))
             token_file = options.token_file
+            if (token_file is None and isinstance(address, tuple)
+                    and options.config):
+                token_file = self.settings.token_file
         else:
             settings = self.settings
             if options.token_file is not None:
@@ -194,6 +196,8 @@ class Context:
                 address, token_file = settings.admin_socket, None
             if isinstance(address, list):
                 address = tuple(address)
+        if isinstance(address, tuple) and not address[0]:
+            address = ('127.0.0.1', address[1])
         token = None
         if token_file and isinstance(address, tuple):
             try:
