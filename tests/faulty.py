@@ -49,6 +49,7 @@ class Call:
         self.result = None
         self.exception = None
         self.injected = None    # 'fail' or 'hang' when a fault applied
+        self.overdue = False    # a hang ran into FaultyStorage.max_hang
 
     @property
     def done(self):
@@ -61,11 +62,33 @@ class Call:
 
 class _Fault:
 
-    def __init__(self, kind, exc=None, times=None, proceed=False):
+    def __init__(self, kind, exc=None, times=None, proceed=False,
+                 when=None):
         self.kind = kind        # 'fail' or 'hang'
         self.exc = exc
         self.times = times      # None: forever
         self.proceed = proceed
+        self.when = when        # None, or predicate(storage) -> bool
+
+
+class OneShot:
+    """A ``when`` predicate shared by several storages: true only once.
+
+    Install the same fault with ``when=OneShot()`` on every backend to
+    make exactly the first backend that gets the call fail, whichever
+    one the caller picks; ``winner`` names it afterwards.
+    """
+
+    def __init__(self):
+        self.winner = None
+        self._lock = threading.Lock()
+
+    def __call__(self, storage):
+        with self._lock:
+            if self.winner is not None:
+                return False
+            self.winner = storage.name
+            return True
 
 
 class FaultyStorage:
@@ -73,6 +96,11 @@ class FaultyStorage:
 
     A method name of ``'*'`` matches every forwarded method.
     """
+
+    #: A safety net, not a feature: a hang ends by itself after this many
+    #: seconds, so a caller that never times out makes its test fail
+    #: (too slow) instead of blocking the whole test run.
+    max_hang = 30.0
 
     def __init__(self, base, name=None):
         self.base = base
@@ -87,30 +115,32 @@ class FaultyStorage:
 
     # -- control API ------------------------------------------------------
 
-    def fail(self, method, exc=None, times=None):
+    def fail(self, method, exc=None, times=None, when=None):
         """Make ``method`` raise ``exc`` (``times`` times, default always).
 
         ``exc`` may be an exception instance, class, or a callable taking
         the method name.  The default is ``InjectedFault`` naming this
         backend and the method, so tests can look for it in reasons.
+        ``when``: a predicate called with this storage at call time; the
+        fault applies only if it returns true (see OneShot).
         """
         with self._lock:
-            self._faults[method] = _Fault('fail', exc, times)
+            self._faults[method] = _Fault('fail', exc, times, when=when)
 
     def fail_once(self, method, exc=None):
         self.fail(method, exc, times=1)
 
-    def hang(self, method, proceed=False, times=None):
+    def hang(self, method, proceed=False, times=None, when=None):
         """Block calls of ``method`` until ``release()``.
 
         After release the call raises ``HangReleased``, or, with
-        ``proceed=True``, runs the real method.
+        ``proceed=True``, runs the real method.  ``when`` as for fail().
         """
         with self._lock:
             if self._released.is_set():
                 self._released = threading.Event()
             self._faults[method] = _Fault('hang', times=times,
-                                          proceed=proceed)
+                                          proceed=proceed, when=when)
 
     def clear(self, method=None):
         """Remove faults (of one method or all); hung calls stay hung."""
@@ -154,6 +184,8 @@ class FaultyStorage:
             fault = self._faults.get(name) or self._faults.get('*')
             if fault is None:
                 return None
+            if fault.when is not None and not fault.when(self):
+                return None
             if fault.times is not None:
                 fault.times -= 1
                 if fault.times <= 0:
@@ -184,7 +216,10 @@ class FaultyStorage:
                 call.injected = fault.kind
                 if fault.kind == 'fail':
                     raise self._make_exc(fault, name)
-                released.wait()
+                if not released.wait(self.max_hang):
+                    call.overdue = True
+                    raise HangReleased('hung call %s.%s was never released'
+                                       % (self.name, name))
                 if not fault.proceed:
                     raise HangReleased('hung call %s.%s released'
                                        % (self.name, name))

@@ -130,6 +130,7 @@ class Backend:
         self._opened = threading.Event()
         self.abort_takes_timeout = False
         self.pack_takes_gc = False
+        self.begin_takes_status = True
         self.blob_temp_dir = None
         self.last_recovery = None    # recovery.Progress of the last one
         self.read_latency = 0.0      # moving average of read calls (s)
@@ -170,6 +171,13 @@ class Backend:
         return self._opened.wait(timeout)
 
     def _inspect(self, storage):
+        try:
+            params = inspect.signature(storage.tpc_begin).parameters
+            # MappingStorage.tpc_begin(transaction, tid=None): no status.
+            self.begin_takes_status = len(params) >= 3 or any(
+                p.kind == p.VAR_POSITIONAL for p in params.values())
+        except (TypeError, ValueError):
+            self.begin_takes_status = True
         try:
             params = inspect.signature(storage.tpc_abort).parameters
             self.abort_takes_timeout = 'timeout' in params

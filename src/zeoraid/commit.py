@@ -104,8 +104,16 @@ class Commit:
 
     def begin(self):
         for share in self.shares:
-            self._submit(share, 'tpc_begin', (self.txn, self.tid,
-                                              self.status))
+            if share.backend.begin_takes_status:
+                args = (self.txn, self.tid, self.status)
+            elif self.status == ' ':
+                args = (self.txn, self.tid)
+            else:
+                share.error = ZODB.POSException.Unsupported(
+                    'backend %s cannot take transaction status %r'
+                    % (share.backend.name, self.status))
+                continue
+            self._submit(share, 'tpc_begin', args)
 
     def store(self, oid, serial, data):
         self.nbytes += len(data or b'')

@@ -289,17 +289,38 @@ def _format_duration(seconds):
     return '%dh%02dm' % (hours, rest // 60)
 
 
-def _progress(info):
-    """(done, total, eta seconds or None) from a backend's recovery
-    progress, or None."""
+def _progress(info, first_backlog=None):
+    """(fraction or None, eta seconds or None, text) for a backend that
+    is recovering, or None.
+
+    The RAID reports (zeoraid.recovery.Progress): phase, txns_copied,
+    rate_txn_s, backlog_seconds (how far the copy is behind the RAID) and
+    eta_seconds; ``done``/``total`` are used when given.  Without them the
+    fraction is the part of the first backlog seen (first_backlog) that
+    has been caught up.
+    """
     recovery = info.get('recovery')
-    if not isinstance(recovery, dict):
+    if info.get('state') != 'recovering' or not isinstance(recovery, dict):
         return None
+    parts = []
+    if recovery.get('phase'):
+        parts.append(str(recovery['phase']))
+    fraction = None
     done, total = recovery.get('done'), recovery.get('total')
-    if not isinstance(done, (int, float)) or not isinstance(
-            total, (int, float)):
-        return None
-    return done, total, recovery.get('eta')
+    backlog = recovery.get('backlog_seconds')
+    if isinstance(done, (int, float)) and isinstance(total, (int, float)):
+        fraction = min(1.0, done / total) if total else 0.0
+        parts.append('%d/%d' % (done, total))
+    elif isinstance(backlog, (int, float)) and first_backlog:
+        fraction = max(0.0, min(1.0, 1 - backlog / first_backlog))
+    if recovery.get('txns_copied') is not None:
+        parts.append('%s txn copied' % recovery['txns_copied'])
+    if recovery.get('rate_txn_s'):
+        parts.append('%s txn/s' % recovery['rate_txn_s'])
+    if isinstance(backlog, (int, float)):
+        parts.append('%s behind' % _format_duration(backlog))
+    eta = recovery.get('eta_seconds', recovery.get('eta'))
+    return fraction, eta, ', '.join(parts)
 
 
 def cmd_details(ctx):
@@ -322,11 +343,10 @@ def cmd_details(ctx):
         reason = info.get('reason') or '-'
         progress = _progress(info)
         if progress:
-            done, total, eta = progress
-            reason += '; recovery %d/%d%s' % (
-                done, total,
-                ', ETA %s' % _format_duration(eta) if eta is not None
-                else '')
+            fraction, eta, text = progress
+            reason += '; recovery: %s%s' % (
+                text, ', ETA %s' % _format_duration(eta)
+                if eta is not None else '')
         rows.append((name, info.get('state') or '?',
                      _format_time(info.get('since')),
                      info.get('last_tid') or '-', lag, reason))
@@ -395,8 +415,8 @@ def cmd_verify(ctx):
     return OK
 
 
-def _bar(done, total, width=30):
-    fraction = min(1.0, done / total) if total else 0.0
+def _bar(fraction, width=30):
+    fraction = max(0.0, min(1.0, fraction))
     filled = int(round(fraction * width))
     return '[%s%s] %5.1f%%' % ('#' * filled, '.' * (width - filled),
                                100 * fraction)
@@ -422,10 +442,12 @@ def cmd_recover(ctx):
 
 def _wait_for_recovery(ctx, name):
     """Poll details until the backend is optimal (0) or not recovering
-    any more (2); show a progress bar and an ETA on a terminal."""
+    any more (2); show a progress bar and an ETA (redrawn in place on a
+    terminal, one line per poll otherwise)."""
     interactive = sys.stdout.isatty() and not ctx.options.json
     started = time.monotonic()
-    first = None
+    first_backlog = None
+    first = None            # (time, fraction) of the first measured poll
     info = {}
     while True:
         result = _result(ctx, 'details')
@@ -435,19 +457,24 @@ def _wait_for_recovery(ctx, name):
         state = info.get('state')
         if state != 'recovering':
             break
-        progress = _progress(info)
+        recovery = info.get('recovery') or {}
+        if first_backlog is None and recovery.get('backlog_seconds'):
+            first_backlog = recovery['backlog_seconds']
+        progress = _progress(info, first_backlog)
         if progress and not ctx.options.json:
-            done, total, eta = progress
+            fraction, eta, text = progress
             now = time.monotonic()
-            if first is None:
-                first = (now, done)
-            elif eta is None and done > first[1]:
-                rate = (done - first[1]) / (now - first[0])
-                eta = (total - done) / rate if rate > 0 else None
-            line = '%s %s %d/%d ETA %s' % (name, _bar(done, total), done,
-                                           total, _format_duration(eta))
+            if fraction is not None:
+                if first is None:
+                    first = (now, fraction)
+                elif eta is None and fraction > first[1]:
+                    rate = (fraction - first[1]) / (now - first[0])
+                    eta = (1 - fraction) / rate
+            line = '%s %s %s ETA %s' % (
+                name, _bar(fraction) if fraction is not None else '[...]',
+                text, _format_duration(eta))
             if interactive:
-                sys.stdout.write('\r' + line)
+                sys.stdout.write('\r\x1b[K' + line)
                 sys.stdout.flush()
             else:
                 print(line)

@@ -1,0 +1,263 @@
+"""ZConfig: ``%import zeoraid`` and ``<raidstorage>``.
+
+A configuration is the operator's interface: valid ones must open a
+working RAID (as a storage and inside a client's ``<zodb>``), invalid
+ones must fail with a message that names the problem.
+"""
+import os
+import re
+import shutil
+import tempfile
+import unittest
+
+import transaction
+import ZConfig
+import ZODB.blob
+import ZODB.config
+import ZODB.interfaces
+import ZODB.POSException
+from ZODB.Connection import TransactionMetaData
+
+from tests.invariants import assert_replicas_identical
+from tests.invariants import committed_tids
+
+from zeoraid.errors import RAIDError
+from zeoraid.storage import RAIDStorage
+
+CONFIG_ERRORS = (ZConfig.ConfigurationError, RAIDError, ValueError)
+
+
+class ConfigTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='zeoraid-config-')
+        self.opened = []
+
+    def tearDown(self):
+        transaction.abort()
+        for thing in self.opened:
+            try:
+                thing.close()
+            except Exception:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    def filestorage(self, name, blobs=False):
+        lines = ['<filestorage %s>' % name,
+                 '  path %s' % self.path(name + '.fs')]
+        if blobs:
+            lines.append('  blob-dir %s' % self.path(name + '-blobs'))
+        lines.append('</filestorage>')
+        return '\n'.join(lines)
+
+    def raid_config(self, body, name='r', keys='timeout 2s'):
+        return ('%%import zeoraid\n<raidstorage %s>\n  %s\n%s\n'
+                '</raidstorage>\n' % (name, keys, body))
+
+    def open_storage(self, text):
+        storage = ZODB.config.storageFromString(text)
+        self.opened.append(storage)
+        return storage
+
+    def assert_config_error(self, text, *patterns):
+        """Opening `text` fails with a message matching every pattern."""
+        with self.assertRaises(CONFIG_ERRORS) as cm:
+            self.open_storage(text)
+        message = str(cm.exception)
+        for pattern in patterns:
+            self.assertTrue(re.search(pattern, message, re.I),
+                            'error message %r does not match %r'
+                            % (message, pattern))
+        return message
+
+    # -- valid configurations ------------------------------------------------
+
+    def test_filestorage_backends(self):
+        raid = self.open_storage(self.raid_config(
+            self.filestorage('b1') + '\n' + self.filestorage('b2'),
+            keys='timeout 3s\n  cluster-mode single\n  fail-mode read-only'))
+        self.assertIsInstance(raid, RAIDStorage)
+        self.assertEqual(raid.getName(), 'r')
+        self.assertEqual(sorted(raid.raid_details()), ['b1', 'b2'])
+        self.assertEqual(raid.raid_status(), 'optimal')
+        self.assertEqual(raid.timeout, 3.0)
+        self.assertEqual(raid.fail_mode, 'read-only')
+        self.assertEqual(raid.cluster_mode, 'single')
+        self.assertFalse(raid.isReadOnly())
+        self.assertFalse(ZODB.interfaces.IBlobStorage.providedBy(raid))
+        db = ZODB.DB(raid)
+        conn = db.open()
+        conn.root()['x'] = 1
+        transaction.commit()
+        conn.close()
+        assert_replicas_identical(raid)
+        self.assertEqual(len(committed_tids(raid.raid_backend_storage('b2'))),
+                         2)
+        db.close()
+
+    def test_mappingstorage_backends(self):
+        raid = self.open_storage(self.raid_config(
+            '<mappingstorage m1>\n</mappingstorage>\n'
+            '<mappingstorage m2>\n</mappingstorage>'))
+        self.assertEqual(sorted(raid.raid_details()), ['m1', 'm2'])
+        db = ZODB.DB(raid)
+        conn = db.open()
+        conn.root()['x'] = 1
+        transaction.commit()
+        conn.close()
+        self.assertEqual(raid.raid_status(), 'optimal', raid.raid_details())
+        assert_replicas_identical(raid)
+        db.close()
+
+    def test_defaults(self):
+        raid = self.open_storage(
+            '%%import zeoraid\n<raidstorage r>\n%s\n</raidstorage>\n'
+            % self.filestorage('b1'))
+        self.assertEqual(raid.timeout, 10.0)
+        self.assertEqual(raid.fail_mode, 'close')
+        self.assertEqual(raid.cluster_mode, 'single')
+        self.assertFalse(raid.isReadOnly())
+
+    def test_read_only(self):
+        # Create the files first: a read-only FileStorage needs them.
+        raid = self.open_storage(self.raid_config(
+            self.filestorage('b1') + '\n' + self.filestorage('b2')))
+        raid.close()
+        raid = self.open_storage(self.raid_config(
+            self.filestorage('b1') + '\n' + self.filestorage('b2'),
+            keys='read-only on'))
+        self.assertTrue(raid.isReadOnly())
+        with self.assertRaises(ZODB.POSException.ReadOnlyError):
+            raid.tpc_begin(TransactionMetaData())
+
+    def test_blobs(self):
+        raid = self.open_storage(self.raid_config(
+            self.filestorage('b1', blobs=True) + '\n'
+            + self.filestorage('b2', blobs=True),
+            keys='blob-dir %s' % self.path('raid-blobs')))
+        self.assertTrue(ZODB.interfaces.IBlobStorage.providedBy(raid))
+        db = ZODB.DB(raid)
+        conn = db.open()
+        conn.root()['blob'] = ZODB.blob.Blob(b'configured')
+        transaction.commit()
+        conn.close()
+        conn = db.open()
+        with conn.root()['blob'].open() as f:
+            self.assertEqual(f.read(), b'configured')
+        conn.close()
+        db.close()
+
+    def test_zodb_section(self):
+        text = ('%%import zeoraid\n<zodb main>\n  cache-size 100\n'
+                '  <raidstorage r>\n  timeout 2s\n%s\n%s\n'
+                '  </raidstorage>\n</zodb>\n'
+                % (self.filestorage('b1'), self.filestorage('b2')))
+        db = ZODB.config.databaseFromString(text)
+        self.opened.append(db)
+        self.assertIsInstance(db.storage, RAIDStorage)
+        conn = db.open()
+        conn.root()['answer'] = 42
+        transaction.commit()
+        conn.close()
+        db.close()
+        # Reopen: the data is on both backends.
+        db = ZODB.config.databaseFromString(text)
+        self.opened.append(db)
+        conn = db.open()
+        self.assertEqual(conn.root()['answer'], 42)
+        assert_replicas_identical(db.storage)
+        conn.close()
+        db.close()
+
+    # -- invalid configurations ----------------------------------------------
+
+    def test_unknown_key(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1'),
+                             keys='bogus-setting 1'),
+            'bogus-setting')
+
+    def test_duplicate_backend_names(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1') + '\n'
+                             + self.filestorage('b1').replace(
+                                 'b1.fs', 'other.fs')),
+            'duplicate|re-used', 'b1')
+
+    def test_missing_backend_name(self):
+        self.assert_config_error(
+            self.raid_config(
+                self.filestorage('b1') + '\n<filestorage>\n  path %s\n'
+                '</filestorage>' % self.path('anon.fs')),
+            'name')
+
+    def test_zero_backends(self):
+        self.assert_config_error(self.raid_config(''),
+                                 'backend|storage')
+
+    def test_bad_cluster_mode(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1'),
+                             keys='cluster-mode triple'),
+            'cluster-mode', 'triple')
+
+    def test_bad_fail_mode(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1'),
+                             keys='fail-mode explode'),
+            'fail-mode', 'explode')
+
+    def test_bad_timeout(self):
+        for value in ('soon', '0s', '-5s'):
+            with self.subTest(timeout=value):
+                self.assert_config_error(
+                    self.raid_config(self.filestorage('b1'),
+                                     keys='timeout %s' % value),
+                    'timeout|time interval|%s' % re.escape(value))
+
+    def test_shared_blob_dir_without_blob_dir(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1'),
+                             keys='shared-blob-dir on'),
+            'blob-dir')
+
+    def test_some_backends_without_blobs(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1', blobs=True) + '\n'
+                             + self.filestorage('b2'),
+                             keys='blob-dir %s' % self.path('raid-blobs')),
+            'blob', 'b2')
+
+    def test_blob_dir_but_no_backend_blobs(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1') + '\n'
+                             + self.filestorage('b2'),
+                             keys='blob-dir %s' % self.path('raid-blobs')),
+            'blob', 'b1')
+
+    def test_backend_blobs_but_no_raid_blob_dir(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1', blobs=True) + '\n'
+                             + self.filestorage('b2', blobs=True)),
+            'blob-dir')
+
+    def test_failed_config_leaves_backends_closed(self):
+        # A refused configuration must not keep backend files locked:
+        # a corrected configuration opens the same files right away.
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1', blobs=True) + '\n'
+                             + self.filestorage('b2'),
+                             keys='blob-dir %s' % self.path('raid-blobs')),
+            'blob')
+        raid = self.open_storage(self.raid_config(
+            self.filestorage('b1', blobs=True) + '\n'
+            + self.filestorage('b2', blobs=True),
+            keys='blob-dir %s' % self.path('raid-blobs')))
+        self.assertEqual(raid.raid_status(), 'optimal')
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromTestCase(ConfigTests)
