@@ -408,12 +408,6 @@ class ScenarioDriver(RAIDTestBase):
         self.assertEqual((oid, tid, data), (ctx.oid_a, ctx.tid_2,
                                             ctx.data_a2))
 
-    def op_new_oid(self, raid, ctx):
-        oids = [raid.new_oid() for _ in range(3)]
-        self.assertEqual(len(set(oids)), 3)
-        self.assertGreater(min(oids), ctx.max_oid)
-        ctx.max_oid = max(oids)
-
     def op_pack(self, raid, ctx):
         # Fresh revisions, so there is always something old to pack away:
         # the RAID packs at most up to its last transaction, so the
@@ -521,8 +515,9 @@ class BlobFaultScenarios(ScenarioDriver):
 
 # (label, backend methods the RAID may call for it, operation, options)
 # options: 'blobs': run with blob dirs; 'raid': extra RAIDStorage keywords.
-# In single mode the RAID hands out oids itself (a high-water mark), so
-# new_oid reaches the backends only in coop mode.  Pack has a deadline of
+# The RAID hands out oids itself (a high-water mark seeded at startup; in
+# coop mode in the server-id's residue class), so new_oid never reaches
+# the backends after startup.  Pack has a deadline of
 # its own (pack_timeout), shortened here to the call timeout.
 SCENARIOS = [
     ('tpc_begin', ['tpc_begin'], 'op_commit', {}),
@@ -546,10 +541,8 @@ SCENARIOS = [
     ('getSize', ['getSize'], 'op_get_size', {}),
     ('len', ['__len__'], 'op_len', {}),
     ('record_iternext', ['record_iternext'], 'op_record_iternext', {}),
-    ('new_oid_coop', ['new_oid'], 'op_new_oid',
-     {'raid': {'cluster_mode': 'coop'}}),
     ('commit_coop', ['tpc_vote'], 'op_commit',
-     {'raid': {'cluster_mode': 'coop'}}),
+     {'raid': {'cluster_mode': 'coop', 'server_id': 1}}),
     ('pack', ['pack'], 'op_pack', {'raid': {'pack_timeout': TIMEOUT}}),
     ('storeBlob', ['storeBlob'], 'op_store_blob', {'blobs': True}),
     ('loadBlob', ['loadBlob', 'openCommittedBlobFile'], 'op_load_blob',

@@ -19,6 +19,7 @@ import ZODB.POSException
 import ZODB.utils
 
 from zeoraid import fanout
+from zeoraid.backend import authoritative_last_tid
 from zeoraid.errors import BackendsFailedError
 from zeoraid.errors import RAIDFailedError
 
@@ -171,16 +172,22 @@ class Commit:
         return self.tid, oids
 
     def vote(self):
-        futures = {}
-        for share in self._require_active():
-            try:
-                futures[share.backend] = share.backend.submit(
-                    _vote_call, share, self.txn)
-            except Exception as exc:
-                self._degrade(share.backend, fanout.describe(exc))
-        verdict = self._decide(fanout.gather(futures, self.timeout))
+        if self.raid.cluster_mode == 'coop':
+            outcomes = self._vote_in_order()
+        else:
+            futures = {}
+            for share in self._require_active():
+                try:
+                    futures[share.backend] = share.backend.submit(
+                        _vote_call, share, self.txn)
+                except Exception as exc:
+                    self._degrade(share.backend, fanout.describe(exc))
+            outcomes = fanout.gather(futures, self.timeout)
+        verdict = self._decide(outcomes)
         if verdict.error is not None:
             raise self._for_client(verdict.error)
+        if self.raid.cluster_mode == 'coop':
+            self._check_coop_order()
         resolved = []
         seen = set()
         for outcome in verdict.winners:
@@ -190,6 +197,69 @@ class Commit:
                     resolved.append(oid)
         self.voted = True
         return resolved or None
+
+    def _vote_in_order(self):
+        """coop: vote one backend after the other, in backend-name order.
+
+        A backend's ZEO server takes its commit lock at vote. Taking the
+        locks one by one in the same order on every RAID server means two
+        servers never hold each other's next lock (no deadlock), and once
+        all votes are in, no other writer can commit on these backends
+        until this transaction ends. Waiting for another server's lock is
+        normal here, so each vote gets twice the deadline.
+        """
+        outcomes = []
+        for share in sorted(self._require_active(),
+                            key=lambda s: s.backend.name):
+            try:
+                future = share.backend.submit(_vote_call, share, self.txn)
+            except Exception as exc:
+                self._degrade(share.backend, fanout.describe(exc))
+                continue
+            outcomes.extend(fanout.gather({share.backend: future},
+                                          self.timeout * 2))
+        return outcomes
+
+    def _check_coop_order(self):
+        """coop: with every backend's lock held, the order must hold.
+
+        Our tid was chosen at tpc_begin; another RAID server may have
+        committed since. If any backend already has our tid or a later
+        one, committing would put tids out of order (FileStorage would
+        accept it silently): abort with a ConflictError, which ZODB
+        retries with a new tid. Backends whose last tid is behind the
+        others missed a commit of another server: they are degraded.
+        """
+        futures = {s.backend: s.backend._readers.submit(
+            authoritative_last_tid, s.backend.storage)
+            for s in self.active()}
+        lasts = {}
+        for outcome in fanout.gather(futures, self.timeout):
+            if outcome.ok:
+                lasts[outcome.backend] = outcome.value
+            else:
+                self._degrade(outcome.backend, 'last tid: %s'
+                              % fanout.describe(outcome.error))
+        if not lasts:
+            self._require_active()
+            return
+        newest = max(lasts.values())
+        if newest >= self.tid:
+            raise ZODB.POSException.ConflictError(
+                'another RAID server committed %s on the backends after '
+                'this transaction chose %s; retry'
+                % (newest.hex(), self.tid.hex()))
+        for backend, last in lasts.items():
+            backend.last_tid = last
+            if last < newest:
+                self._degrade(backend, (
+                    'missing transactions: last tid %s, another RAID server '
+                    'committed %s' % (last.hex(), newest.hex())))
+        self._require_active()
+        self.raid._check_failed()
+        if self.raid._failed:
+            raise RAIDFailedError('RAID %s: fewer optimal backends than the '
+                                  'coop quorum' % self.raid.getName())
 
     def _decide(self, outcomes):
         """Vote; degrade the losers; fail if nobody is left."""

@@ -52,6 +52,10 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
         if config.recovery_txn_rate < 0 or config.recovery_byte_rate < 0:
             raise ValueError('<raidstorage %s>: recovery rates must not be '
                              'negative' % self.name)
+        if config.cluster_mode == 'coop' and config.server_id is None:
+            raise ValueError('<raidstorage %s>: cluster-mode coop needs a '
+                             'server-id (0-63), different on every RAID '
+                             'server of the same backends' % self.name)
         self.backends = backend_openers(config)
 
     def open(self, database_name='unnamed', databases=None):
@@ -63,4 +67,5 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
             blob_dir=c.blob_dir, shared_blob_dir=c.shared_blob_dir,
             timeout=c.timeout, pack_timeout=c.pack_timeout,
             recovery_txn_rate=c.recovery_txn_rate,
-            recovery_byte_rate=c.recovery_byte_rate)
+            recovery_byte_rate=c.recovery_byte_rate,
+            server_id=c.server_id)

@@ -46,6 +46,8 @@ from zeoraid.errors import RAIDFailedError
 logger = logging.getLogger('zeoraid')
 
 CLUSTER_MODES = ('single', 'coop')
+#: coop mode: oids are allocated in 64 residue classes, one per server.
+COOP_SERVER_SLOTS = 64
 #: How many recent commit tids the RAID remembers (recovery's backlog).
 RECENT_TIDS = 100000
 FAIL_MODES = ('close', 'read-only')
@@ -68,7 +70,7 @@ class RAIDStorage:
     def __init__(self, name, backends, *, read_only=False,
                  cluster_mode='single', fail_mode='close', blob_dir=None,
                  shared_blob_dir=False, timeout=10.0, pack_timeout=86400.0,
-                 recovery_txn_rate=0, recovery_byte_rate=0):
+                 recovery_txn_rate=0, recovery_byte_rate=0, server_id=None):
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError('cluster-mode must be one of %s, not %r'
                              % ('|'.join(CLUSTER_MODES), cluster_mode))
@@ -86,6 +88,15 @@ class RAIDStorage:
             raise ValueError('RAID %s: shared-blob-dir needs blob-dir' % name)
         if timeout <= 0:
             raise ValueError('timeout must be positive')
+        if cluster_mode == 'coop' and server_id is None:
+            raise ValueError(
+                'RAID %s: cluster-mode coop needs a server-id (0-%d), '
+                'different on every RAID server of the same backends'
+                % (name, COOP_SERVER_SLOTS - 1))
+        if server_id is not None and not 0 <= server_id < COOP_SERVER_SLOTS:
+            raise ValueError('server-id must be between 0 and %d'
+                             % (COOP_SERVER_SLOTS - 1))
+        self.server_id = server_id
 
         self.__name__ = self._name = name
         self.timeout = float(timeout)
@@ -103,6 +114,7 @@ class RAIDStorage:
         self._ltid = z64
         self._oid = z64
         self._tid_floor = z64  # no new tid at or below it (see pack)
+        self._ltid_changed = time.monotonic()
         self._foreign_tids = set()
         self.recovery_txn_rate = recovery_txn_rate
         self.recovery_byte_rate = recovery_byte_rate
@@ -251,10 +263,33 @@ class RAIDStorage:
         Loads carry no cursor, so any optimal backend can answer; the
         others follow for failover.
         """
-        optimal = self._optimal()
+        optimal = self._current_backends()
         if len(optimal) < 2:
             return optimal or self._readable()
         return sorted(optimal, key=lambda b: b.read_cost())
+
+    def _current_backends(self):
+        """Optimal backends that have every commit the RAID knows of.
+
+        In coop mode another server's commit reaches the backends one by
+        one; a backend that has not reported it yet would serve stale
+        data, and one that stays behind longer than the deadline missed it
+        and is degraded.
+        """
+        optimal = self._optimal()
+        if self.cluster_mode != 'coop':
+            return optimal
+        ltid = self._ltid
+        current = [b for b in optimal
+                   if b.last_tid is not None and b.last_tid >= ltid]
+        if len(current) < len(optimal) and \
+                time.monotonic() - self._ltid_changed > self.timeout:
+            for backend in optimal:
+                if backend not in current:
+                    self._degrade(backend, (
+                        'missing transactions: has not reported %s of '
+                        'another RAID server' % ltid.hex()))
+        return current or optimal
 
     def _fallback_readable(self):
         # Read-only fail mode: the last backends to go are the freshest.
@@ -310,16 +345,20 @@ class RAIDStorage:
             'RAID %s: no backend could answer the read' % self._name)
 
     def _backend_invalidated(self, backend, tid, oids):
-        """A backend reports a commit that the RAID did not make.
+        """A backend reports a commit that this RAID did not make.
 
-        In single mode nobody else may write to the backends: that is an
-        alarm. In coop mode other RAID servers do: pass it on once.
+        Called in the backend's IO thread: no backend calls from here.
+        In single mode nobody else may write to the backends: the backend
+        is no longer a faithful replica and is degraded. In coop mode
+        other RAID servers do: pass the invalidation on once, and track
+        which backends have reported it (reads go to those).
         """
         if self.cluster_mode != 'coop':
-            logger.error('raid=%s backend=%s foreign commit %s: somebody '
-                         'else writes to this backend', self._name,
-                         backend.name, ZODB.utils.tid_repr(tid))
+            self._degrade(backend, 'foreign commit %s: another client writes '
+                          'to this backend' % tid.hex())
             return
+        if backend.last_tid is None or tid > backend.last_tid:
+            backend.last_tid = tid
         with self._lock:
             if tid <= self._ltid or tid in self._foreign_tids:
                 return
@@ -332,6 +371,7 @@ class RAIDStorage:
         with self._lock:
             if tid > self._ltid:
                 self._ltid = tid
+                self._ltid_changed = time.monotonic()
 
     # -- IStorageWrapper plumbing for the backends ---------------------------
 
@@ -381,31 +421,22 @@ class RAIDStorage:
         return commit.txn if commit is not None else None
 
     def new_oid(self):
-        self._check_writable()
-        if self.cluster_mode == 'coop':
-            return self._new_oid_coop()
-        with self._lock:
-            self._oid = oid = p64(u64(self._oid) + 1)
-            return oid
+        """A fresh oid from the RAID's own counter.
 
-    def _new_oid_coop(self):
-        """Ask every backend; the largest answer is unique among writers."""
-        futures = {}
-        for backend in self._optimal():
-            futures[backend] = backend.submit(lambda s: s.new_oid())
-        outcomes = fanout.gather(futures, self.timeout)
-        answers = []
-        for outcome in outcomes:
-            if outcome.ok:
-                answers.append(outcome.value)
-            else:
-                self._degrade(outcome.backend, 'new_oid: %s'
-                              % fanout.describe(outcome.error))
-        if not answers:
-            raise RAIDFailedError('RAID %s: no backend could allocate an oid'
-                                  % self._name)
+        The counter starts above every backend's and never depends on one
+        backend, so oids stay unique across failover. In coop mode each
+        RAID server takes only oids whose remainder modulo 64 is its
+        server-id: two servers can never hand out the same oid, and a
+        server skips what others stored (backends raise their counters on
+        store, which the counter follows at startup).
+        """
+        self._check_writable()
         with self._lock:
-            self._oid = oid = max(max(answers), p64(u64(self._oid) + 1))
+            n = u64(self._oid) + 1
+            if self.server_id is not None:
+                slots = COOP_SERVER_SLOTS
+                n += (self.server_id - n) % slots
+            self._oid = oid = p64(n)
             return oid
 
     # -- IStorage: reads ------------------------------------------------------
