@@ -43,7 +43,7 @@ MAX_REQUEST = 64 * 1024
 #: An idle admin connection is closed after this many seconds.
 IDLE_TIMEOUT = 60.0
 
-#: op name -> (minimum args, maximum args, storage operation?)
+#: op name -> (minimum, maximum) number of args
 OPERATIONS = {
     'status': (0, 0),
     'details': (0, 0),

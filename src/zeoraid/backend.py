@@ -11,6 +11,7 @@ Two kinds of threads, both long-lived (no thread is created per call):
   pipelined without waiting for each one;
 - a small pool of *readers* for loads, which need no ordering.
 """
+import collections
 import concurrent.futures
 import inspect
 import logging
@@ -135,6 +136,7 @@ class Backend:
         self.last_recovery = None    # recovery.Progress of the last one
         self.read_latency = 0.0      # moving average of read calls (s)
         self.reads_in_flight = 0
+        self.failures = collections.deque(maxlen=32)  # when it degraded
 
     def __repr__(self):
         return '<Backend %s %s>' % (self.name, self.state)
@@ -210,6 +212,8 @@ class Backend:
         self.state = state
         self.reason = reason
         self.since = time.time()
+        if state == DEGRADED and old != DEGRADED:
+            self.failures.append(time.monotonic())
         level = logging.INFO if state == OPTIMAL and old == OPTIMAL \
             else logging.WARNING
         logger.log(level,

@@ -68,4 +68,6 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
             timeout=c.timeout, pack_timeout=c.pack_timeout,
             recovery_txn_rate=c.recovery_txn_rate,
             recovery_byte_rate=c.recovery_byte_rate,
-            server_id=c.server_id)
+            server_id=c.server_id, auto_recover=c.auto_recover,
+            auto_recover_hold_down=c.auto_recover_hold_down,
+            auto_recover_max_flaps=c.auto_recover_max_flaps)

@@ -539,3 +539,88 @@ def naive_copy(source, target, start=z64, stop=maxtid):
         target.tpc_finish(txn)
         count += 1
     return count
+
+
+class AutoRecover:
+    """Recover degraded backends by themselves once they are back.
+
+    Every few seconds each degraded backend is probed (its last tid, with
+    the RAID's deadline). One that has answered for the whole hold-down
+    period is recovered. Flap damping: a backend that degraded
+    `max_flaps` times within `flap_window` seconds is left degraded and
+    its reason says so; an operator's `recover` still works. Backends
+    disabled by the operator, and diverged ones, are left alone.
+    """
+
+    def __init__(self, raid, hold_down=60.0, max_flaps=3, flap_window=3600.0,
+                 clock=time.monotonic):
+        self.raid = raid
+        self.hold_down = float(hold_down)
+        self.max_flaps = max_flaps
+        self.flap_window = float(flap_window)
+        self.clock = clock
+        self.reachable_since = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name='zeoraid-auto-recover-%s' % raid.getName(),
+            daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.stopped.set()
+
+    def _run(self):
+        interval = max(0.2, min(self.hold_down / 4, 5.0))
+        while not self.stopped.wait(interval):
+            try:
+                self.check()
+            except Exception:
+                logger.exception('raid=%s auto-recover check failed',
+                                 self.raid.getName())
+
+    def flapping(self, backend):
+        now = self.clock()
+        recent = [t for t in backend.failures if now - t <= self.flap_window]
+        return len(recent) >= self.max_flaps
+
+    def check(self):
+        """One round: probe degraded backends, start at most one recovery."""
+        raid = self.raid
+        for backend in list(raid._backends):
+            if backend.state != 'degraded':
+                self.reachable_since.pop(backend.name, None)
+                continue
+            reason = backend.reason or ''
+            if reason.startswith('disabled by operator') or \
+                    'full rebuild' in reason or 'flapping' in reason:
+                continue
+            if self.flapping(backend):
+                backend.set_state('degraded', (
+                    'flapping: degraded %d times within %gs, auto-recover '
+                    'suspended (last: %s)' % (self.max_flaps,
+                                              self.flap_window, reason)))
+                continue
+            if backend.storage is None:
+                continue
+            try:
+                backend.call(raid.timeout, authoritative_last_tid)
+            except Exception:
+                self.reachable_since.pop(backend.name, None)
+                continue
+            since = self.reachable_since.setdefault(backend.name, self.clock())
+            if self.clock() - since < self.hold_down:
+                continue
+            if raid.raid_recovery() is not None or raid._packing:
+                return
+            self.reachable_since.pop(backend.name, None)
+            try:
+                logger.warning('raid=%s backend=%s auto-recover: reachable '
+                               'for %gs, recovering', raid.getName(),
+                               backend.name, self.hold_down)
+                raid.raid_recover(backend.name)
+            except RAIDError as exc:
+                logger.warning('raid=%s backend=%s auto-recover refused: %s',
+                               raid.getName(), backend.name, exc)
+            return

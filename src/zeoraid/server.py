@@ -127,21 +127,25 @@ class ServerSettings:
                                 or self.admin_socket)[0]
 
 
+USAGE = """Usage: zeoraid -C zeoraid.conf
+
+Runs a ZEO server for RAID storages.  The configuration is runzeo's
+format plus "%import zeoraid", <raidstorage> sections and an optional
+<zeoraid> section (admin-socket, admin-address, admin-token-file).
+
+Options:
+-C/--configure URL -- configuration file
+-h/--help -- print this usage message and exit
+
+Signals: SIGTERM/SIGINT stop cleanly, SIGUSR2 reopens the log files,
+SIGHUP reloads the RAID backends from the configuration file.
+"""
+
+
 class ZEORaidOptions(ZEO.runzeo.ZEOOptions):
-    """Usage: zeoraid -C zeoraid.conf
-
-    Runs a ZEO server for RAID storages.  The configuration is runzeo's
-    format plus "%import zeoraid", <raidstorage> sections and an optional
-    <zeoraid> section (admin-socket, admin-address, admin-token-file).
-
-    Options:
-    -C/--configure URL -- configuration file
-    -h/--help -- print this usage message and exit
-
-    Signals: SIGTERM/SIGINT stop cleanly, SIGUSR2 reopens the log files,
-    SIGHUP reloads the RAID backends from the configuration file.
-    """
-
+    # runzeo's options with the zeoraid schema (which adds <zeoraid>);
+    # zdaemon prints __doc__ as the usage message.
+    __doc__ = USAGE
     schemadir = SCHEMA_DIR
     schemafile = SCHEMA_FILE
 

@@ -70,7 +70,9 @@ class RAIDStorage:
     def __init__(self, name, backends, *, read_only=False,
                  cluster_mode='single', fail_mode='close', blob_dir=None,
                  shared_blob_dir=False, timeout=10.0, pack_timeout=86400.0,
-                 recovery_txn_rate=0, recovery_byte_rate=0, server_id=None):
+                 recovery_txn_rate=0, recovery_byte_rate=0, server_id=None,
+                 auto_recover=False, auto_recover_hold_down=60.0,
+                 auto_recover_max_flaps=3):
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError('cluster-mode must be one of %s, not %r'
                              % ('|'.join(CLUSTER_MODES), cluster_mode))
@@ -131,6 +133,13 @@ class RAIDStorage:
         self._check_blob_settings()
         self._declare_interfaces()
         self._set_start_state()
+        self._auto_recover = None
+        if auto_recover:
+            from zeoraid.recovery import AutoRecover
+            self._auto_recover = AutoRecover(
+                self, hold_down=auto_recover_hold_down,
+                max_flaps=auto_recover_max_flaps)
+            self._auto_recover.start()
 
     # -- startup -----------------------------------------------------------
 
@@ -939,6 +948,12 @@ class RAIDStorage:
             except Exception:
                 logger.exception('raid=%s aborting on close', self._name)
         self._closed = True
+        if self._auto_recover is not None:
+            self._auto_recover.stop()
+        recovery = self._recovery
+        if recovery is not None:
+            recovery.stop()
+            recovery.done.wait(self.timeout)
         self._close_backends()
 
     def _close_backends(self):
