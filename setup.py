@@ -29,6 +29,8 @@ setup(
     },
     entry_points={
         'console_scripts': [
+            'zeoraid = zeoraid.server:main',
+            'zeoraid-manager = zeoraid.manager.cli:main',
             'zeoraid-demo = zeoraid.demo:main',
         ],
     },
