@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import ZODB.POSException
 import ZODB.utils
@@ -71,6 +72,7 @@ class Commit:
         self.undone_oids = []
         self.voted = False
         self.nbytes = 0          # size of the data stored (recovery credit)
+        self.started = time.monotonic()
 
     # -- helpers -----------------------------------------------------------
 
@@ -159,7 +161,7 @@ class Commit:
                     _guarded, share, 'undo', (transaction_id, self.txn))
             except Exception as exc:
                 self._degrade(share.backend, fanout.describe(exc))
-        verdict = self._decide(fanout.gather(futures, self.timeout))
+        verdict = self._decide(fanout.gather(futures, self.timeout), 'undo')
         if verdict.error is not None:
             raise self._for_client(verdict.error)
         result = verdict.value
@@ -183,7 +185,7 @@ class Commit:
                 except Exception as exc:
                     self._degrade(share.backend, fanout.describe(exc))
             outcomes = fanout.gather(futures, self.timeout)
-        verdict = self._decide(outcomes)
+        verdict = self._decide(outcomes, 'tpc_vote')
         if verdict.error is not None:
             raise self._for_client(verdict.error)
         if self.raid.cluster_mode == 'coop':
@@ -261,11 +263,11 @@ class Commit:
             raise RAIDFailedError('RAID %s: fewer optimal backends than the '
                                   'coop quorum' % self.raid.getName())
 
-    def _decide(self, outcomes):
+    def _decide(self, outcomes, what):
         """Vote; degrade the losers; fail if nobody is left."""
         verdict = fanout.vote(outcomes, self.raid._backends)
         for outcome, reason in verdict.losers:
-            self._degrade(outcome.backend, reason)
+            self._degrade(outcome.backend, '%s: %s' % (what, reason))
         if not verdict.winners:
             self.raid._check_failed()
             raise RAIDFailedError(

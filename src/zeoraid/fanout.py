@@ -105,8 +105,11 @@ class Verdict:
 
 
 def describe(error):
+    """A one-line reason: the exception class and what it says."""
     text = str(error)
     name = type(error).__name__
+    if not text and isinstance(error, CONNECTIVITY_ERRORS):
+        text = 'connection lost or backend not reachable'
     return '%s: %s' % (name, text) if text else name
 
 

@@ -42,6 +42,7 @@ from zeoraid.commit import BlobPlacement
 from zeoraid.commit import Commit
 from zeoraid.errors import RAIDError
 from zeoraid.errors import RAIDFailedError
+from zeoraid.stats import RAIDStats
 
 logger = logging.getLogger('zeoraid')
 
@@ -123,6 +124,7 @@ class RAIDStorage:
         self._recovery = None        # the running Recovery, if any
         self._packing = False
         self._recent_tids = collections.deque(maxlen=RECENT_TIDS)
+        self.stats = RAIDStats()
         self._blobs = BlobPlacement(blob_dir, shared_blob_dir)
         self._blob_dir = blob_dir
         self._backends = [Backend(n, opener, name) for n, opener in backends]
@@ -311,8 +313,10 @@ class RAIDStorage:
         return 1
 
     def _degrade(self, backend, reason, check=True):
-        if backend.degrade(reason) and check:
-            self._check_failed()
+        if backend.degrade(reason):
+            self.stats.degraded(backend.name)
+            if check:
+                self._check_failed()
 
     def _check_failed(self):
         """Enter the fail mode when too few optimal backends remain."""
@@ -583,7 +587,15 @@ class RAIDStorage:
 
     def tpc_vote(self, transaction):
         commit = self._current(transaction, 'tpc_vote')
-        return commit.vote()
+        started = time.monotonic()
+        try:
+            return commit.vote()
+        except ZODB.POSException.ConflictError:
+            self.stats.add('conflicts')
+            raise
+        finally:
+            self.stats.observe(self.stats.vote_latency,
+                               time.monotonic() - started)
 
     def tpc_finish(self, transaction, func=lambda tid: None):
         commit = self._current(transaction, 'tpc_finish')
@@ -592,7 +604,10 @@ class RAIDStorage:
         committed = False
         try:
             with self._finish_lock:
+                started = time.monotonic()
                 commit.finish()
+                self.stats.observe(self.stats.finish_latency,
+                                   time.monotonic() - started)
                 committed = True
                 func(commit.tid)
                 with self._lock:
@@ -615,6 +630,13 @@ class RAIDStorage:
             self._end(commit, False)
 
     def _end(self, commit, committed):
+        stats = self.stats
+        if committed:
+            stats.add('commits')
+            stats.observe(stats.commit_latency,
+                          time.monotonic() - commit.started)
+        else:
+            stats.add('aborts')
         try:
             commit.cleanup(committed)
         finally:
