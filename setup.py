@@ -32,6 +32,7 @@ setup(
             'zeoraid = zeoraid.server:main',
             'zeoraid-manager = zeoraid.manager.cli:main',
             'zeoraid-demo = zeoraid.demo:main',
+            'zeoraid-verify = zeoraid.verify:main',
         ],
     },
 )

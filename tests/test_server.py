@@ -425,11 +425,11 @@ class ServerTests(ServerTestBase):
         self.assertEqual(info['backends']['b2']['last_tid'],
                          info['last_tid'])
         r = self.server.manager('verify')
-        if r.returncode == 3:     # until the consistency issue lands
-            self.assertIn('verify not implemented yet', r.stderr)
-            self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
-        else:
-            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn('IDENTICAL', r.stdout)
+        r = self.server.manager('verify', '--since', 'not-a-tid')
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
 
     def test_reload_adds_and_removes_a_backend(self):
         self.commit(self.db(), 'a', 1)

@@ -50,7 +50,7 @@ OPERATIONS = {
     'disable': (1, 1),
     'recover': (1, 1),
     'reload': (0, 1),
-    'verify': (0, 0),
+    'verify': (0, 2),
 }
 
 
@@ -215,11 +215,28 @@ class AdminService:
             raise AdminError('this server cannot reload its configuration')
         return self._reload(name, dry_run=bool(args))
 
-    def op_verify(self, name, storage):
+    def op_verify(self, name, storage, *args):
         verify = getattr(storage, 'raid_verify', None)
         if verify is None:
             raise AdminError('verify not implemented yet')
-        return verify()
+        options = {}
+        for arg in args:
+            key, _, value = arg.partition('=')
+            if key == '--since' and value:
+                options['since'] = value
+            elif key == '--rate' and value:
+                try:
+                    options['rate'] = float(value)
+                except ValueError:
+                    raise AdminError('verify --rate takes a number, not %r'
+                                     % value)
+            else:
+                raise AdminError('verify takes --since=TID and --rate=N, '
+                                 'got %r' % arg)
+        try:
+            return verify(**options)
+        except ValueError as e:       # a malformed tid
+            raise AdminError(str(e))
 
 
 class _Handler(socketserver.StreamRequestHandler):

@@ -10,7 +10,12 @@ serves RAID storages, plus:
 * signals: SIGTERM/SIGINT stop the event loop and close the storages (the
   RAID aborts in-flight transactions and closes its backends), SIGUSR2
   reopens the log files, SIGHUP re-reads the RAID backends from the
-  configuration file (runzeo would exit instead).
+  configuration file (runzeo would exit instead);
+* an optional HTTP metrics and health endpoint (``<metrics>``,
+  ``zeoraid.metrics``), in its own threads too;
+* TLS: ZEO's ``<zeo><ssl>`` for clients, and ``<clientstorage>`` backends
+  with a ``<client-ssl>`` section; an unusable certificate, key or CA file
+  stops the startup with one clear line (``client_ssl``, ``tls_problem``).
 
 The configuration is runzeo's format with ``%import zeoraid``,
 ``<raidstorage>`` sections and an optional ``<zeoraid>`` section (admin
@@ -19,6 +24,7 @@ zeoraid-manager so both find the same admin socket.
 """
 import logging
 import os
+import ssl
 import sys
 import threading
 
@@ -30,6 +36,7 @@ from zeoraid.admin import AdminServer
 from zeoraid.admin import AdminService
 from zeoraid.admin import one_line
 from zeoraid.errors import RAIDError
+from zeoraid.metrics import MetricsEndpoint
 
 
 logger = logging.getLogger('zeoraid.server')
@@ -127,11 +134,84 @@ class ServerSettings:
                                 or self.admin_socket)[0]
 
 
+# TLS
+
+def check_tls_files(certificate=None, key=None, authenticate=None,
+                    server=False):
+    """Explain in one line what is wrong with TLS files, or return None.
+
+    Tries what ZEO will do with them (load the CA locations and the
+    certificate chain), so an unreadable, missing or non-PEM file is
+    named before any connection is attempted.
+    """
+    for what, path in (('certificate', certificate), ('key', key),
+                       ('authenticate', authenticate)):
+        if path and path != 'DYNAMIC' and not os.path.exists(path):
+            return '%s file %s does not exist' % (what, path)
+        if path and os.path.isfile(path) and not os.access(path, os.R_OK):
+            return '%s file %s is not readable' % (what, path)
+    if server and not certificate:
+        return 'a server <ssl> section needs a certificate'
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server
+                             else ssl.PROTOCOL_TLS_CLIENT)
+    if authenticate and authenticate != 'DYNAMIC':
+        try:
+            if os.path.isdir(authenticate):
+                context.load_verify_locations(capath=authenticate)
+            else:
+                context.load_verify_locations(cafile=authenticate)
+        except (ssl.SSLError, OSError) as e:
+            return ('authenticate file %s holds no usable PEM certificate:'
+                    ' %s' % (authenticate, one_line(e)))
+    if certificate:
+        try:
+            context.load_cert_chain(certificate, key or None,
+                                    password=lambda: b'')
+        except (ssl.SSLError, OSError) as e:
+            return ('certificate %s%s cannot be loaded (a PEM certificate'
+                    ' and its matching, unencrypted key?): %s'
+                    % (certificate, ' with key %s' % key if key else '',
+                       one_line(e)))
+    return None
+
+
+def client_ssl(section):
+    """Datatype of ``<client-ssl>``: ZEO's client TLS settings, checked."""
+    problem = check_tls_files(section.certificate, section.key,
+                              section.authenticate)
+    if problem is not None and not (section.password_function
+                                    and 'cannot be loaded' in problem):
+        raise ValueError('<client-ssl>: ' + problem)
+    import ZEO.zconfig
+    return ZEO.zconfig.client_ssl(section)
+
+
+def tls_problem(exc):
+    """A one-line explanation of an error ZEO's ``<ssl>`` datatype raised
+    while the configuration was loaded (it raises bare OSError/SSLError
+    without naming the file)."""
+    tb = exc.__traceback__
+    section = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == 'ssl_config':
+            section = tb.tb_frame.f_locals.get('section')
+        tb = tb.tb_next
+    if section is not None:
+        problem = check_tls_files(
+            getattr(section, 'certificate', None),
+            getattr(section, 'key', None),
+            getattr(section, 'authenticate', None), server=True)
+        if problem:
+            return '<zeo> <ssl>: ' + problem
+    return '<ssl> section: %s' % one_line(exc)
+
+
 USAGE = """Usage: zeoraid -C zeoraid.conf
 
 Runs a ZEO server for RAID storages.  The configuration is runzeo's
-format plus "%import zeoraid", <raidstorage> sections and an optional
-<zeoraid> section (admin-socket, admin-address, admin-token-file).
+format plus "%import zeoraid", <raidstorage> sections, an optional
+<zeoraid> section (admin-socket, admin-address, admin-token-file) and an
+optional <metrics> section (address of the HTTP metrics endpoint).
 
 Options:
 -C/--configure URL -- configuration file
@@ -150,7 +230,11 @@ class ZEORaidOptions(ZEO.runzeo.ZEOOptions):
     schemafile = SCHEMA_FILE
 
     def realize(self, *args, **kw):
-        super().realize(*args, **kw)
+        try:
+            super().realize(*args, **kw)
+        except (OSError, ssl.SSLError) as e:
+            # ZEO's <ssl> datatype failed while the file was parsed.
+            self.usage(tls_problem(e))
         if self.configfile is None:
             self.usage('a configuration file is required; use -C')
 
@@ -159,6 +243,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
     """runzeo's ZEOServer with the admin endpoint and RAID signals."""
 
     admin = None
+    metrics = None
     settings = None
     _loop = None
     _serving = False
@@ -176,6 +261,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
         self._get_pidfile()
         self.create_admin()
         try:
+            self.create_metrics()
             self.make_pidfile()
             self.setup_signals()
             self.open_storages()
@@ -183,6 +269,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
             self.start_admin()
             self.loop_forever()
         finally:
+            self.close_metrics()
             self.close_admin()
             self.close_server()
             self.close_loop()
@@ -221,6 +308,41 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
         if self.admin is not None:
             self.admin.close()
             self.admin = None
+
+    # metrics endpoint
+
+    def create_metrics(self):
+        """Listen on the <metrics> address, if any; /readyz says 503
+        until the storages are open and served."""
+        section = getattr(self.options.configroot, 'metrics', None)
+        if section is None:
+            return
+        try:
+            self.metrics = MetricsEndpoint(
+                section.address, storages=lambda: self.storages,
+                serving=lambda: self._serving and not self._stopping,
+                ping=self.ping_loop)
+        except OSError as e:
+            self.options.usage(str(e))
+        self.metrics.start()
+        log('metrics endpoint on %s:%s' % self.metrics.address)
+
+    def close_metrics(self):
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def ping_loop(self, timeout):
+        """True if the ZEO event loop runs a callback within timeout."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return False
+        done = threading.Event()
+        try:
+            loop.call_soon_threadsafe(done.set)
+        except RuntimeError:        # closed meanwhile
+            return False
+        return done.wait(timeout)
 
     # event loop and shutdown
 

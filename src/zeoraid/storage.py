@@ -887,6 +887,11 @@ class RAIDStorage:
             if self._recovery is recovery:
                 self._recovery = None
 
+    def raid_verify(self, since=None, rate=0):
+        """Compare the optimal and recovering backends (read-only, online)."""
+        from zeoraid import verify
+        return verify.verify_raid(self, since=since, rate=rate).as_dict()
+
     def raid_recovery(self):
         """The running recovery (tests and the manager wait on it)."""
         return self._recovery

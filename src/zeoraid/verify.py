@@ -65,6 +65,16 @@ class CannotVerify(RAIDError):
     """The check could not be done (the message says which storage, why)."""
 
 
+class NoBlobDir(CannotVerify):
+    """A storage holds blob records but cannot load blobs."""
+
+    def __init__(self, name):
+        CannotVerify.__init__(
+            self, 'cannot check blobs: storage %s holds blob records but '
+            'has no blob directory (give it one, or skip blobs)' % name)
+        self.name = name
+
+
 def tid_hex(tid):
     return tid.hex() if tid else None
 
@@ -127,6 +137,7 @@ class Report:
         self.blobs = 0
         self.divergence = None
         self.lagging = []
+        self.lasts = {}          # name -> last tid of each at the start
         self.seconds = 0.0
 
     @property
@@ -136,11 +147,9 @@ class Report:
     def summary(self):
         """One line: the verdict and the essentials."""
         if self.identical:
-            return ('IDENTICAL: %d storages (%s), %d transactions, %d '
-                    'records, %d blobs compared up to %s' % (
-                        len(self.storages), ', '.join(self.storages),
-                        self.transactions, self.records, self.blobs,
-                        tid_hex(self.last_tid) or 'the start'))
+            return ('IDENTICAL: %d storages (%s), %s compared up to %s' % (
+                len(self.storages), ', '.join(self.storages), self._counts(),
+                tid_hex(self.last_tid) or 'the start'))
         return 'DIVERGENT: %s' % self.divergence
 
     def details(self):
@@ -149,19 +158,24 @@ class Report:
             ', '.join(self.storages), self.storages[0])]
         if self.start is not None:
             lines.append('started at tid %s' % self.start.hex())
-        lines.append('compared %d transactions, %d records, %d blobs in '
-                     '%.2fs' % (self.transactions, self.records, self.blobs,
-                                self.seconds))
+        lines.append('compared %s in %.2fs' % (self._counts(), self.seconds))
         lines.append('common tid %s, every storage must reach %s' % (
             tid_hex(self.upto), tid_hex(self.target)))
         if self.lagging:
             lines.append('allowed to lag (recovering): %s'
                          % ', '.join(self.lagging))
-        if self.last_tid is not None:
-            lines.append('identical up to tid %s (next incremental check: '
-                         '--since %s)' % (self.last_tid.hex(),
-                                          self.last_tid.hex()))
+        if self.last_tid is not None and self.identical:
+            lines.append('next incremental check: --since %s'
+                         % self.last_tid.hex())
+        elif self.last_tid is not None:
+            lines.append('identical up to tid %s' % self.last_tid.hex())
         return lines
+
+    def _counts(self):
+        return ', '.join('%d %s%s' % (n, what, '' if n == 1 else 's')
+                         for n, what in ((self.transactions, 'transaction'),
+                                         (self.records, 'record'),
+                                         (self.blobs, 'blob')))
 
     def as_dict(self):
         return {
@@ -177,6 +191,8 @@ class Report:
             'records': self.records,
             'blobs': self.blobs,
             'lagging': self.lagging,
+            'last_tids': {name: tid_hex(tid)
+                          for name, tid in self.lasts.items()},
             'seconds': round(self.seconds, 3),
             'divergence': (self.divergence.as_dict()
                            if self.divergence is not None else None),
@@ -210,6 +226,13 @@ class _Txn:
         records.sort(key=lambda record: record[0])
         self.records = records
         self.nbytes = nbytes
+
+
+def _other(name, reference, candidates):
+    """Whom to report `name` against: the reference unless it is `name`."""
+    if name != reference:
+        return reference
+    return candidates[0] if candidates else reference
 
 
 def _close(iterator):
@@ -357,8 +380,8 @@ class _Verifier:
                 if hashes[name] is None:
                     other = [n for n in self.names if hashes[n] is not None]
                     return Divergence(
-                        name, self.reference, ref.tid, 'missing blob', oid,
-                        'no blob file in %s%s' % (
+                        name, _other(name, self.reference, other), ref.tid,
+                        'missing blob', oid, 'no blob file in %s%s' % (
                             name, ', %s has one' % other[0] if other
                             else ', nor in any other storage'))
             mine = hashes[self.reference]
@@ -377,9 +400,7 @@ class _Verifier:
     def _blob_hash(self, name, oid, tid):
         storage = self.storages[name]
         if not ZODB.interfaces.IBlobStorage.providedBy(storage):
-            raise CannotVerify(
-                'cannot check blobs: storage %s holds blob records but has '
-                'no blob directory (give it one, or skip blobs)' % name)
+            raise NoBlobDir(name)
 
         def digest():
             try:
@@ -423,7 +444,8 @@ class _Verifier:
         tid = (self._first_after(source, lasts[name], target)
                if source is not None else None)
         return Divergence(
-            name, self.reference, tid, 'missing transaction',
+            name, _other(name, self.reference, holders), tid,
+            'missing transaction',
             detail='%s ends at %s, %s' % (
                 name, tid_hex(lasts[name]) or 'empty',
                 'the RAID committed up to %s' % target.hex() if expect_given
@@ -483,6 +505,7 @@ def verify_storages(storages, start=None, stop=None, since=None, rate=0,
                          progress)
     lasts = {name: verifier.call(name, authoritative_last_tid, storage)
              for name, storage in storages.items()}
+    report.lasts = lasts
     upto = min(lasts.values())
     if stop is not None:
         upto = min(upto, stop)
@@ -649,8 +672,6 @@ def _close_all(storages):
 
 def main(argv=None):
     """zeoraid-verify: exit 0 identical, 2 divergent, 3 cannot check."""
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
-                        format='%(levelname)s %(name)s: %(message)s')
     parser = _parser()
     as_json = False
     try:
@@ -666,8 +687,12 @@ def main(argv=None):
                          % options.since) from None
         if len(options.paths) < 2:
             raise _Usage('give at least two FileStorage files to compare')
-        storages = _open_filestorages(
-            options.paths, _blob_dirs(options.paths, options.blob_dir))
+        blob_dirs = _blob_dirs(options.paths, options.blob_dir)
+        # ZODB warns about things like a stale index on stderr; only
+        # errors matter here, the verdict is on stdout.
+        logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
+                            format='%(levelname)s %(name)s: %(message)s')
+        storages = _open_filestorages(options.paths, blob_dirs)
         try:
             report = verify_storages(storages, since=since,
                                      rate=options.rate, blobs=options.blobs)
@@ -675,16 +700,25 @@ def main(argv=None):
             _close_all(storages)
     except _Usage as exc:
         return _fail('%s (see zeoraid-verify -h)' % exc, as_json)
+    except NoBlobDir as exc:
+        return _fail('cannot check blobs: %s holds blob records; give its '
+                     'blob directory (--blob-dir %s=DIR) or skip blobs '
+                     '(--no-blobs)' % (exc.name, exc.name), as_json)
     except CannotVerify as exc:
         return _fail(str(exc), as_json)
     except KeyboardInterrupt:
         return _fail('interrupted', as_json)
-    if as_json:
-        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
-    else:
-        print(report.summary())
-        for line in report.details():
-            print('  ' + line)
+    try:
+        if as_json:
+            print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        else:
+            print(report.summary())
+            for line in report.details():
+                print('  ' + line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Output piped into `head`: the verdict is in the exit code.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return IDENTICAL if report.identical else DIVERGENT
 
 

@@ -32,6 +32,7 @@ STATUS_EXIT = {'optimal': OK, 'recovering': WARNING,
 
 BACKEND_STATES = ('optimal', 'recovering', 'degraded', 'disabled')
 
+VERIFY_TIMEOUT = 3600.0
 DEFAULT_TIMEOUT = 5.0
 START_WAIT = 60.0
 
@@ -120,8 +121,15 @@ def build_parser():
                 ' closed', cmd_reload)
     p.add_argument('--dry-run', action='store_true',
                    help='only show what would change')
-    command('verify', 'compare the backends (replica consistency)',
-            cmd_verify)
+    p = command('verify', 'compare the backends transaction by transaction'
+                ' (read-only, online); exit 0 identical, 2 divergent,'
+                ' 3 cannot check', cmd_verify)
+    p.add_argument('--since', metavar='TID',
+                   help='only transactions after TID (last_tid of an'
+                   ' earlier verify)')
+    p.add_argument('--rate', type=float, default=0, metavar='N',
+                   help='at most N transactions per second'
+                   ' (default 0: unlimited)')
 
     p = command('start', 'start the server as a daemon (zdaemon) and wait'
                 ' until its admin endpoint answers', cmd_start)
@@ -400,11 +408,20 @@ def cmd_reload(ctx):
 
 
 def cmd_verify(ctx):
-    response = ctx.call('verify')
+    options = ctx.options
+    if options.timeout == DEFAULT_TIMEOUT:
+        # A verify reads the whole history synchronously.
+        options.timeout = VERIFY_TIMEOUT
+    args = (['--since=' + options.since] if options.since else []) + \
+        (['--rate=%g' % options.rate] if options.rate else [])
+    response = ctx.call('verify', args)
     if ctx.options.json:
         _emit_json(response)
     elif not response['ok']:
         raise Failure(response.get('error'))
+    elif isinstance(response['result'], dict) and \
+            'summary' in response['result']:
+        print(response['result']['summary'])
     else:
         print(_text(response['result']))
     if not response['ok']:
