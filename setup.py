@@ -25,9 +25,12 @@ setup(
     ],
     extras_require={
         'test': ['zope.testrunner', 'zope.testing'],
-        'recipe': ['zc.buildout'],
+        'recipe': ['zc.buildout', 'zc.recipe.egg'],
     },
     entry_points={
+        'zc.buildout': [
+            'server = zeoraid.recipe:Server',
+        ],
         'console_scripts': [
             'zeoraid = zeoraid.server:main',
             'zeoraid-manager = zeoraid.manager.cli:main',

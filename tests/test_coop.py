@@ -143,6 +143,65 @@ class CoopTests(unittest.TestCase):
         self.assertEqual(b1[:len(b2)], b2)
         self.assertLess(len(b2), len(b1))
 
+    def test_network_partition_between_a_server_and_a_backend(self):
+        # The real thing: server A talks to b2 through a TCP proxy that
+        # then drops every connection, while both servers commit.
+        from tests.tcpproxy import FaultProxy
+        proxy = FaultProxy(self.servers[1].addr)
+        self.addCleanup(proxy.close)
+        import functools
+        import ZEO.ClientStorage
+
+        def via_proxy():
+            return ZEO.ClientStorage.ClientStorage(
+                proxy.address, wait=True, wait_timeout=TIMEOUT)
+        openers = [('b1', self.servers[0].opener()), ('b2', via_proxy),
+                   ('b3', self.servers[2].opener())]
+        raid_a = RAIDStorage('raid', openers, cluster_mode='coop',
+                             server_id=0, timeout=TIMEOUT)
+        db_a = ZODB.DB(raid_a)
+        self.dbs.append(db_a)
+        raid_b, db_b = self.open_raid(1)
+        with db_a.transaction() as conn:
+            conn.root()['tree'] = OOBTree()
+            conn.root()['counter'] = 0
+        errors, committed = [], []
+        threads = [threading.Thread(target=self.commit_loop,
+                                    args=(db, key, errors, committed))
+                   for db, key in ((db_a, 'a1'), (db_b, 'b1'))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        proxy.drop()                     # the partition
+        for t in threads:
+            t.join(DEADLINE + 10)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(committed), 2 * ROUNDS)
+        self.assertEqual(raid_a.raid_details()['b2']['state'], 'degraded')
+        # B learns that b2 missed A's commits at its next commit at the
+        # latest (its reads never went to b2 meanwhile: it had not
+        # reported them).
+        with db_b.transaction() as conn:
+            conn.root()['after'] = 1
+        self.assertEqual(raid_b.raid_details()['b2']['state'], 'degraded',
+                         raid_b.raid_details())
+        # Whatever each server thinks of b2, the backends both still
+        # count as optimal are identical, and every commit is on them.
+        for raid in (raid_a, raid_b):
+            assert_replicas_identical(raid)
+        b1 = committed_tids(raid_b.raid_backend_storage('b1'))
+        b3 = committed_tids(raid_b.raid_backend_storage('b3'))
+        self.assertEqual(b1, b3)
+        self.assertEqual(b1, sorted(set(b1)))
+        with db_b.transaction() as conn:
+            self.assertEqual(sorted(conn.root()['tree'].keys()),
+                             sorted(committed))
+        # b2 missed A's commits after the partition: a prefix, never a
+        # fork, so recovery can bring it back.
+        b2 = committed_tids(raid_b.raid_backend_storage('b2'))
+        self.assertEqual(b1[:len(b2)], b2)
+        proxy.heal()
+
     def test_quorum_lost_fails_the_raid(self):
         # coop needs a majority of the backends (2 of 3): with one left a
         # server could commit where the other servers cannot see it.

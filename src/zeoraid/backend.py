@@ -99,6 +99,14 @@ def is_client_storage(storage):
     return isinstance(storage, ZEO.ClientStorage.ClientStorage)
 
 
+def _wait_connected(storage, timeout):
+    deadline = time.monotonic() + (timeout or 30)
+    while not storage.is_connected():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
+
+
 def authoritative_last_tid(storage):
     """The backend's last committed tid, asked of the server if remote.
 
@@ -143,16 +151,20 @@ class Backend:
 
     # -- opening ---------------------------------------------------------
 
-    def start_open(self):
+    def start_open(self, connect_timeout=None):
         """Run the opener in a thread of its own; returns at once."""
         thread = threading.Thread(
-            target=self._open, name='zeoraid-%s-open' % self.name,
-            daemon=True)
+            target=self._open, args=(connect_timeout,),
+            name='zeoraid-%s-open' % self.name, daemon=True)
         thread.start()
 
-    def _open(self):
+    def _open(self, connect_timeout):
         try:
             storage = self.opener()
+            if is_client_storage(storage):
+                # `wait false` returns before the first connection; the
+                # server's interfaces and last tid come with it.
+                _wait_connected(storage, connect_timeout)
         except Exception as exc:
             self.open_error = exc
             logger.warning('backend %s of RAID %s could not be opened: %r',
@@ -217,8 +229,10 @@ class Backend:
         level = logging.INFO if state == OPTIMAL and old == OPTIMAL \
             else logging.WARNING
         logger.log(level,
-                   'raid=%s backend=%s state=%s previous=%s reason=%s',
-                   self.raid_name, self.name, state, old, reason or '-')
+                   'raid=%s backend=%s state=%s previous=%s last_tid=%s '
+                   'reason=%s', self.raid_name, self.name, state, old,
+                   self.last_tid.hex() if self.last_tid else '-',
+                   reason or '-')
         return True
 
     def degrade(self, reason):

@@ -96,6 +96,7 @@ class Server:
                 'part %s: the zeoraid.conf option (the server'
                 ' configuration) is missing' % name)
         options['eggs'] = options.get('eggs', '') + '\nzeoraid\nzdaemon'
+        options['scripts'] = ''     # only the scripts made below
         self.egg = zc.recipe.egg.Egg(buildout, name, options)
 
     # paths
@@ -198,7 +199,6 @@ class Server:
         if self.deployment:
             options.created(paths['conf'])
 
-        self.egg.install()
         requirements, ws = self.egg.working_set()
         executable = options['executable']
 

@@ -148,7 +148,7 @@ class RAIDStorage:
     def _open_backends(self, backends):
         """Open concurrently; a slow or failing backend starts degraded."""
         for backend in backends:
-            backend.start_open()
+            backend.start_open(self.timeout)
         deadline = time.monotonic() + self.timeout
         for backend in backends:
             if not backend.wait_opened(max(0, deadline - time.monotonic())):
