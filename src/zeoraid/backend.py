@@ -85,6 +85,73 @@ class SerialWorker:
                 self._queue.put(self._stop)
 
 
+class FairLock:
+    """A lock granted in request order.
+
+    The RAID's commit lock is released and taken again back to back by
+    the ZEO server's thread under load; a plain Lock would let that
+    thread win every time and starve a recovery or pack that waits for
+    it. Here waiters are served first come, first served.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+        self._held = False
+        self._cancelled = set()   # tickets whose waiters gave up
+
+    def acquire(self, blocking=True, timeout=-1):
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            deadline = None if timeout is None or timeout < 0 \
+                else time.monotonic() + timeout
+            while self._held or self._serving != ticket:
+                if not blocking:
+                    remaining = 0
+                elif deadline is None:
+                    remaining = None
+                else:
+                    remaining = deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    # Give up our turn without blocking those behind us.
+                    self._skip(ticket)
+                    return False
+                self._cond.wait(remaining)
+            self._held = True
+            self._serving += 1
+            self._skip_cancelled()
+            return True
+
+    def _skip(self, ticket):
+        self._cancelled.add(ticket)
+        self._skip_cancelled()
+        self._cond.notify_all()
+
+    def _skip_cancelled(self):
+        while self._serving in self._cancelled:
+            self._cancelled.discard(self._serving)
+            self._serving += 1
+
+    def release(self):
+        with self._cond:
+            if not self._held:
+                raise RuntimeError('release of an unheld FairLock')
+            self._held = False
+            self._cond.notify_all()
+
+    def locked(self):
+        return self._held
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def wait_for(future, timeout, what):
     """The future's result, or BackendTimeout after `timeout` seconds."""
     try:
@@ -97,6 +164,13 @@ def wait_for(future, timeout, what):
 def is_client_storage(storage):
     """True for ZEO ClientStorage backends (remote, with their own IO thread)."""
     return isinstance(storage, ZEO.ClientStorage.ClientStorage)
+
+
+def _close_quietly(storage):
+    try:
+        storage.close()
+    except Exception as exc:
+        logger.debug('closing a replaced backend storage: %r', exc)
 
 
 def _wait_connected(storage, timeout):
@@ -174,6 +248,30 @@ class Backend:
             self._inspect(storage)
         finally:
             self._opened.set()
+
+    def reopen(self, timeout):
+        """Replace the storage with a fresh one from the opener.
+
+        A ZEO client whose server was restarted empty refuses to
+        reconnect ("client cache is out of sync"); recovery of such a
+        backend (a full rebuild) needs a new connection. Fresh threads
+        too: the old ones may still be stuck in a hung call.
+        """
+        old = self.storage
+        self.storage = None
+        self._worker.shutdown()
+        self._readers.shutdown(wait=False)
+        self._worker = SerialWorker('zeoraid-%s-commit' % self.name)
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=READER_THREADS,
+            thread_name_prefix='zeoraid-%s-read' % self.name)
+        if old is not None:
+            threading.Thread(target=_close_quietly, args=(old,),
+                             name='zeoraid-%s-close' % self.name,
+                             daemon=True).start()
+        self.reset_opener()
+        self.start_open(timeout)
+        return self.wait_opened(timeout)
 
     def reset_opener(self):
         """Allow another open attempt (recovery of a never-opened one)."""
@@ -320,6 +418,16 @@ class Backend:
         finally:
             self._worker.shutdown()
             self._readers.shutdown(wait=False)
+            self._join_threads(timeout)
+
+    def _join_threads(self, timeout):
+        """Wait (briefly) for idle threads to end; hung ones stay behind."""
+        deadline = time.monotonic() + min(timeout, 1.0)
+        threads = list(getattr(self._readers, '_threads', ()))
+        if self._worker._thread is not None:
+            threads.append(self._worker._thread)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @zope.interface.implementer(ZODB.interfaces.IStorageWrapper)

@@ -226,8 +226,25 @@ class Recovery:
             window_start = TimeStamp(*time.gmtime(
                 _tid_time(target_last) - VERIFY_WINDOW_SECONDS)[:5] + (
                 0.0,)).raw()
-        source_txns = self._read_range(self.source, window_start, target_last)
         target_txns = self._read_range(self.target, window_start, target_last)
+        if not target_txns or target_txns[-1].tid != target_last:
+            target_last, target_txns = self._phantom_last_tid(
+                target_last, window_start, target_txns)
+            if target_last == z64:
+                return z64
+        if target_last <= self.raid._tid_floor:
+            # The optimal backends were packed while the target was
+            # degraded: their history up to the pack time is shorter, and
+            # comparing it with the target's would always differ. The
+            # current data is what the copy continues from; the next pack
+            # evens the history out.
+            logger.warning(
+                'raid=%s backend=%s recovery: target missed a pack (last '
+                'tid %s, pack up to %s); junction not compared',
+                self.raid.getName(), self.target.name, target_last.hex(),
+                self.raid._tid_floor.hex())
+            return p64(u64(target_last) + 1)
+        source_txns = self._read_range(self.source, window_start, target_last)
         if not source_txns or source_txns[-1].tid != target_last:
             raise DivergedError(
                 'backend %s has transaction %s which source %s does not '
@@ -251,6 +268,42 @@ class Recovery:
                     self.target.name, len(target_txns), window_start.hex(),
                     target_last.hex(), self.source.name, len(source_txns)))
         return p64(u64(target_last) + 1)
+
+    def _phantom_last_tid(self, reported, window_start, target_txns):
+        """The target's real last tid when it reports one it does not have.
+
+        A FileStorage that crashed between vote and finish drops the
+        unfinished transaction when it reopens, but still reports its tid
+        as the last one. The copy then starts after the last transaction
+        the target really has; the dropped tid itself may be copied (ZEO
+        accepts a tid equal to its last one).
+        """
+        if not target_txns and window_start != z64:
+            target_txns = self._read_range(self.target, z64, reported)
+        real = target_txns[-1].tid if target_txns else z64
+        logger.warning(
+            'raid=%s backend=%s recovery: reported last tid %s is of an '
+            'unfinished transaction (crash between vote and finish); it '
+            'really has up to %s', self.raid.getName(), self.target.name,
+            reported.hex(), real.hex())
+        def first_after(storage):
+            for txn in storage.iterator(p64(u64(real) + 1)):
+                return txn.tid
+            return None
+        next_tid = self.source.call(self.timeout, first_after)
+        if next_tid is not None and next_tid < reported:
+            raise DivergedError(
+                'backend %s reports last tid %s but has only up to %s, and '
+                'source %s committed %s in between: it needs a full rebuild'
+                % (self.target.name, reported.hex(), real.hex(),
+                   self.source.name, next_tid.hex()))
+        if real == z64 and next_tid is not None and next_tid != reported:
+            raise DivergedError(
+                'backend %s is empty but reports last tid %s: it needs a '
+                'full rebuild (move its storage away, restart it, recover)'
+                % (self.target.name, reported.hex()))
+        self.target.last_tid = real
+        return real, target_txns
 
     def _read_range(self, backend, start, stop):
         def read(storage):
@@ -389,9 +442,11 @@ class Recovery:
         if not ZODB.interfaces.IBlobStorage.providedBy(self.target.storage):
             return {}
         blobs = {}
+        last_blob_record = {}
         for record in txn:
-            if not (record.data and ZODB.blob.is_blob_record(record.data)):
-                continue
+            if record.data and ZODB.blob.is_blob_record(record.data):
+                last_blob_record[record.oid] = record
+        for record in last_blob_record.values():
             try:
                 path = self.source.call(
                     max(self.timeout, 60),
@@ -410,13 +465,36 @@ class Recovery:
         return blobs
 
     def _copy_one(self, txn):
-        """Commit one source transaction on the target with its own tid."""
+        """Commit one source transaction on the target with its own tid.
+
+        A blob object appears several times in a transaction (a store,
+        then the blob's store; through ZEO the backend's storeBlob adds
+        one more). restoreBlob writes one record, ZEO's storeBlob two: the
+        blob goes with the last record of the object (restoreBlob) or the
+        last but one (storeBlob, whose second record replaces the last),
+        the earlier records are restored as they are.
+        """
         def copy(storage):
             restore_blob = getattr(storage, 'restoreBlob', None)
+            positions = {}
+            for i, record in enumerate(txn):
+                if record.oid in txn.blobs:
+                    positions.setdefault(record.oid, []).append(i)
+            blob_at = {}
+            skip = set()
+            for oid, where in positions.items():
+                if restore_blob is not None or len(where) < 2:
+                    blob_at[where[-1]] = oid
+                else:
+                    blob_at[where[-2]] = oid
+                    skip.add(where[-1])
             storage.tpc_begin(txn, txn.tid, txn.status)
             try:
-                for record in txn:
-                    blob = txn.blobs.get(record.oid)
+                for i, record in enumerate(txn):
+                    if i in skip:
+                        continue
+                    blob = txn.blobs.get(record.oid) if i in blob_at \
+                        else None
                     if blob is None:
                         storage.restore(record.oid, record.tid, record.data,
                                         '', record.data_txn, txn)
@@ -448,7 +526,11 @@ class Recovery:
                     'target %s committed %s as %s' % (
                         self.target.name, txn.tid.hex(), tid.hex()))
             return tid
-        self.target.call_ordered(max(self.timeout, 60), copy)
+        # The deadline grows with the transaction's size (blobs), so a
+        # hung target is cut off as quickly as a live commit would be.
+        size = txn_size(txn) + sum(os.path.getsize(p) for p in
+                                   txn.blobs.values() if os.path.exists(p))
+        self.target.call_ordered(self.timeout * (1 + size / 10e6), copy)
 
     def _source_failed(self, exc):
         """The source failed: continue from another optimal backend."""

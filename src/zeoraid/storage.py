@@ -12,6 +12,8 @@ import binascii
 import bisect
 import collections
 import logging
+import os
+import shutil
 import threading
 import time
 
@@ -37,7 +39,9 @@ from zeoraid.backend import OPTIMAL
 from zeoraid.backend import RECOVERING
 from zeoraid.backend import Backend
 from zeoraid.backend import BackendUpcalls
+from zeoraid.backend import FairLock
 from zeoraid.backend import authoritative_last_tid
+from zeoraid.backend import is_client_storage
 from zeoraid.commit import BlobPlacement
 from zeoraid.commit import Commit
 from zeoraid.errors import RAIDError
@@ -111,7 +115,7 @@ class RAIDStorage:
         self._closed = False
         self._wrapper = None
         self._lock = threading.Lock()           # RAID state, oid counter
-        self._commit_lock = threading.Lock()    # held from begin to end
+        self._commit_lock = FairLock()          # held from begin to end
         self._finish_lock = threading.RLock()   # readers wait on finish
         self._commit = None
         self._ltid = z64
@@ -227,6 +231,23 @@ class RAIDStorage:
             except Exception as exc:
                 self._degrade(backend, 'last tid unavailable: %s'
                               % fanout.describe(exc), check=False)
+        for backend in self._optimal():
+            if backend.last_tid == z64:
+                continue
+            try:
+                real = backend.call(self.timeout, _has_transaction,
+                                    backend.last_tid)
+            except Exception as exc:
+                self._degrade(backend, 'iterator: %s' % fanout.describe(exc),
+                              check=False)
+                continue
+            if not real:
+                # FileStorage reopened after a crash between vote and
+                # finish reports the tid of the transaction it dropped.
+                self._degrade(backend, (
+                    'missing transactions: last tid %s is of an unfinished '
+                    'transaction (crash between vote and finish)'
+                    % backend.last_tid.hex()), check=False)
         optimal = self._optimal()
         if optimal:
             newest = max(b.last_tid for b in optimal)
@@ -720,6 +741,28 @@ class RAIDStorage:
         if not verdict.winners:
             raise RAIDFailedError('RAID %s: pack failed on every backend'
                                   % self._name)
+        if self._blobs.shared:
+            self._prune_shared_blobs()
+
+    def _prune_shared_blobs(self):
+        """Remove blob revisions the backends no longer have after a pack.
+
+        With a shared blob dir the RAID keeps its own copy of every
+        committed blob for its clients; without pruning it would grow
+        forever.
+        """
+        fshelper = self._blobs.fshelper
+        for oid, oid_path in fshelper.listOIDs():
+            for name in sorted(os.listdir(oid_path)):
+                if not name.endswith(ZODB.blob.BLOB_SUFFIX):
+                    continue
+                tid = ZODB.utils.repr_to_oid(name[:-len(ZODB.blob.BLOB_SUFFIX)])
+                try:
+                    self._read(lambda s: s.loadSerial(oid, tid))
+                except (ZODB.POSException.POSKeyError, KeyError):
+                    ZODB.blob.remove_committed(os.path.join(oid_path, name))
+            if not os.listdir(oid_path):
+                shutil.rmtree(oid_path)
 
     def _pack_time(self, t):
         """Make the pack time cover the same history on every backend.
@@ -766,6 +809,8 @@ class RAIDStorage:
     def loadBlob(self, oid, serial):
         if self._blobs.fshelper is None:
             raise ZODB.POSException.Unsupported('no blob-dir configured')
+        if self._closed:
+            return self._committed_blob_file(oid, serial)
         if self._blobs.shared:
             path = self._blobs.cached_path(oid, serial)
             if path is not None:
@@ -774,6 +819,20 @@ class RAIDStorage:
         if self._blobs.shared:
             path = self._blobs.cache(oid, serial, path)
         return path
+
+    def _committed_blob_file(self, oid, serial):
+        """A closed RAID still finds committed blob files on disk, as
+        FileStorage and ClientStorage do (ZODB's loadblob_tmpstore)."""
+        helpers = [self._blobs.fshelper] + [
+            getattr(b.storage, 'fshelper', None) for b in self._backends]
+        for fshelper in helpers:
+            if fshelper is None:
+                continue
+            path = fshelper.getBlobFilename(oid, serial)
+            if os.path.exists(path):
+                return path
+        raise ZODB.POSException.POSKeyError(
+            'no blob file for %s@%s' % (oid.hex(), serial.hex()))
 
     def openCommittedBlobFile(self, oid, serial, blob=None):
         path = self.loadBlob(oid, serial)
@@ -838,7 +897,7 @@ class RAIDStorage:
                 verify_all=verify_all)
             target.last_recovery = recovery.progress
             self._recovery = recovery
-        if target.storage is None:
+        if target.storage is None or is_client_storage(target.storage):
             self._reopen(target)
             if target.storage is None:
                 with self._lock:
@@ -853,9 +912,13 @@ class RAIDStorage:
             name, self._name, sources[0].name)
 
     def _reopen(self, backend):
-        """Open a backend that could not be opened before."""
-        backend.reset_opener()
-        self._open_backends([backend])
+        """A fresh connection for a backend about to be recovered."""
+        if backend.reopen(self.timeout) and backend.storage is not None:
+            self._attach(backend)
+        elif backend.storage is None:
+            backend.reason = 'open failed: %s' % (
+                fanout.describe(backend.open_error) if backend.open_error
+                else 'timed out after %gs' % self.timeout)
 
     def _commits_since(self, start):
         """How many RAID commits have a tid >= start (bounded memory)."""
@@ -986,6 +1049,19 @@ class RAIDStorage:
     def _close_backends(self):
         for backend in self._backends:
             backend.close(self.timeout)
+
+
+def _has_transaction(storage, tid):
+    """Does the storage really have the transaction `tid`?"""
+    iterator = storage.iterator(tid, tid)
+    try:
+        for txn in iterator:
+            return txn.tid == tid
+        return False
+    finally:
+        close = getattr(iterator, 'close', None)
+        if close is not None:
+            close()
 
 
 def _pack_stop(t):
