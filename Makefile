@@ -5,6 +5,7 @@
 #   make test                 run the whole suite (tests/)
 #   make test ARGS="-t foo"   pass extra zope-testrunner arguments
 #   make demo                 start the local demo (zeoraid-demo)
+#   make bench [ARGS=--quick] run the benchmark suite (benchmarks/bench.py)
 #   make clean                remove var/ and build output
 #   make distclean            also remove .venv and buildout artefacts
 
@@ -17,7 +18,7 @@ ARGS   ?=
 # The stamp is redone when the packaging metadata changes.
 PACKAGING := setup.py $(wildcard setup.cfg pyproject.toml)
 
-.PHONY: all test demo venv clean distclean
+.PHONY: all test demo bench venv clean distclean
 
 all: test
 
@@ -37,6 +38,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/zeoraid-demo $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:
 	rm -rf var build dist htmlcov .coverage

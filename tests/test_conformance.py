@@ -18,6 +18,7 @@ import ZEO.ClientStorage
 import ZEO.StorageServer
 import ZODB.interfaces
 import ZODB.tests.testblob
+import ZODB.tests.util
 from ZODB.FileStorage import FileStorage
 from ZODB.tests import BasicStorage
 from ZODB.tests import ConflictResolution
@@ -117,7 +118,15 @@ class RAIDTestBase(StorageTestBase.StorageTestBase):
 
     def setUp(self):
         StorageTestBase.StorageTestBase.setUp(self)
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            self.unwind_failed_setup()
+            raise
+
+    def unwind_failed_setup(self):
+        """tearDown does not run when setUp fails: leave the temp dir."""
+        ZODB.tests.util.tearDown(self)
 
     def tearDown(self):
         try:
@@ -209,7 +218,7 @@ class RAID3OverFileStorageRecoveryTests(RAIDOverFileStorageRecoveryTests):
     backend_count = 3
 
 
-def blob_raid_factory(count, **backend_options):
+def blob_raid_factory(count, shared_blob_dir=False, **backend_options):
     """Factory ``(name, blob_dir) -> RAID`` for ZODB's blob suites.
 
     The RAID keeps its own blob directory ``blob_dir``; backend N is a
@@ -220,7 +229,8 @@ def blob_raid_factory(count, **backend_options):
             name,
             filestorage_openers(name, count, blob_dir=blob_dir,
                                 **backend_options),
-            blob_dir=os.path.abspath(blob_dir), timeout=TIMEOUT)
+            blob_dir=os.path.abspath(blob_dir),
+            shared_blob_dir=shared_blob_dir, timeout=TIMEOUT)
     return factory
 
 
@@ -289,9 +299,21 @@ def blob_suites():
     suite = unittest.TestSuite()
     recovery = raid_provides(ZODB.interfaces.IBlobStorageRestoreable)
     for count in (2, 3):
+        # Non-shared blob dir: the RAID's fshelper is its upload/temporary
+        # dir, the committed blobs live in the backends, as for a
+        # non-shared ClientStorage: blob_packing.txt (which looks for
+        # committed blob files through fshelper) does not apply; ZEO does
+        # not run it for ClientStorage either.
         suite.addTest(_adapt_blob_transaction_for_root(
             ZODB.tests.testblob.storage_reusable_suite(
                 'RAID%dBlobFileStorage' % count, blob_raid_factory(count),
+                test_blob_storage_recovery=recovery)))
+        # Shared blob dir: the RAID publishes committed blobs in its own
+        # blob dir for its clients, so there blob_packing.txt applies.
+        suite.addTest(_adapt_blob_transaction_for_root(
+            ZODB.tests.testblob.storage_reusable_suite(
+                'RAID%dSharedBlobFileStorage' % count,
+                blob_raid_factory(count, shared_blob_dir=True),
                 test_blob_storage_recovery=recovery,
                 test_packing=True)))
     if raid_provides(ZODB.interfaces.IExternalGC):
