@@ -950,6 +950,30 @@ class RefusalTests(RecoveryTestBase):
         self.assert_recovered(raid, 'b3')
 
 
+    def test_recover_backend_that_missed_a_pack_after_a_restart(self):
+        """The same, with the RAID restarted between pack and recovery."""
+        raid = self.open_raid()
+        db = self.open_db(raid)
+        backlog = Backlog(db)
+        backlog.add(30, blob_every=0)
+        raid.raid_disable('b3')
+        backlog.add(30, blob_every=0)
+        db.pack()
+        backlog.add(10, blob_every=0)
+        backlog.close()
+        db.close()
+        self.dbs.remove(db)
+        raid = self.open_raid()
+        self.assertEqual(raid.raid_details()['b3']['state'], 'degraded')
+        raid.raid_recover('b3')
+        wait_recovery(self, raid)
+        details = raid.raid_details()['b3']
+        self.assertEqual(details['state'], 'optimal', details)
+        db = self.open_db(raid)
+        db.pack()
+        self.assert_recovered(raid, 'b3')
+
+
 class FailureTests(RecoveryTestBase):
     """The target or the source fails while the copy runs."""
 

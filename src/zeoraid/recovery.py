@@ -227,11 +227,33 @@ class Recovery:
                 _tid_time(target_last) - VERIFY_WINDOW_SECONDS)[:5] + (
                 0.0,)).raw()
         target_txns = self._read_range(self.target, window_start, target_last)
+        source_has_last = self.source.call(self.timeout, _has_transaction,
+                                           target_last)
         if not target_txns or target_txns[-1].tid != target_last:
+            if not source_has_last:
+                # Neither has it: a pack removed it on both.
+                logger.warning(
+                    'raid=%s backend=%s recovery: last tid %s was packed '
+                    'away on target and source; junction not compared',
+                    self.raid.getName(), self.target.name, target_last.hex())
+                return p64(u64(target_last) + 1)
             target_last, target_txns = self._phantom_last_tid(
                 target_last, window_start, target_txns)
             if target_last == z64:
                 return z64
+        elif not source_has_last and self._superseded_on_source(
+                target_txns[-1]):
+            # The source was packed while the target was degraded: the
+            # target's last transaction is history the pack removed (all
+            # its objects have newer revisions on the source). A
+            # transaction only the target committed would be newer than
+            # the source's revisions.
+            logger.warning(
+                'raid=%s backend=%s recovery: target missed a pack (its '
+                'last transaction %s is packed away on %s); junction not '
+                'compared', self.raid.getName(), self.target.name,
+                target_last.hex(), self.source.name)
+            return p64(u64(target_last) + 1)
         if target_last <= self.raid._tid_floor:
             # The optimal backends were packed while the target was
             # degraded: their history up to the pack time is shorter, and
@@ -248,8 +270,8 @@ class Recovery:
         if not source_txns or source_txns[-1].tid != target_last:
             raise DivergedError(
                 'backend %s has transaction %s which source %s does not '
-                'have: it committed something the RAID did not (unknown '
-                'outcome?). It needs a full rebuild: stop its server, move '
+                'have, and it is not history a pack removed: it committed '
+                'something the RAID did not (unknown outcome?). It needs a full rebuild: stop its server, move '
                 'its storage away so it starts empty, then recover again.'
                 % (self.target.name, target_last.hex(), self.source.name))
         for mine, theirs in zip(target_txns, source_txns):
@@ -268,6 +290,21 @@ class Recovery:
                     self.target.name, len(target_txns), window_start.hex(),
                     target_last.hex(), self.source.name, len(source_txns)))
         return p64(u64(target_last) + 1)
+
+    def _superseded_on_source(self, txn):
+        """Has every object of txn a newer revision on the source?"""
+        def check(storage):
+            for record in txn:
+                try:
+                    serial = ZODB.utils.load_current(storage, record.oid)[1]
+                except (ZODB.POSException.POSKeyError, KeyError):
+                    # Gone by garbage collection, or never there: the
+                    # two cannot be told apart, so do not assume a pack.
+                    return False
+                if serial <= txn.tid:
+                    return False
+            return True
+        return self.source.call(self.timeout, check)
 
     def _phantom_last_tid(self, reported, window_start, target_txns):
         """The target's real last tid when it reports one it does not have.
@@ -548,6 +585,11 @@ class Recovery:
                        candidates[0].name)
         self.source = candidates[0]
         self.progress.source = self.source.name
+
+
+def _has_transaction(storage, tid):
+    from zeoraid.storage import _has_transaction as has
+    return has(storage, tid)
 
 
 def _next_materialized(storage, iterator):

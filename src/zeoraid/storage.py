@@ -231,23 +231,29 @@ class RAIDStorage:
             except Exception as exc:
                 self._degrade(backend, 'last tid unavailable: %s'
                               % fanout.describe(exc), check=False)
+        # FileStorage reopened after a crash between vote and finish
+        # reports the tid of the transaction it dropped. A backend that
+        # lacks its own last transaction while another backend has it is
+        # missing it. (If none has it, a pack removed it everywhere.)
+        has_last = {}
         for backend in self._optimal():
             if backend.last_tid == z64:
                 continue
             try:
-                real = backend.call(self.timeout, _has_transaction,
-                                    backend.last_tid)
+                has_last[backend] = backend.call(
+                    self.timeout, _has_transaction, backend.last_tid)
             except Exception as exc:
                 self._degrade(backend, 'iterator: %s' % fanout.describe(exc),
                               check=False)
+        for backend, has in has_last.items():
+            if has or not any(
+                    other.last_tid == backend.last_tid and other_has
+                    for other, other_has in has_last.items()):
                 continue
-            if not real:
-                # FileStorage reopened after a crash between vote and
-                # finish reports the tid of the transaction it dropped.
-                self._degrade(backend, (
-                    'missing transactions: last tid %s is of an unfinished '
-                    'transaction (crash between vote and finish)'
-                    % backend.last_tid.hex()), check=False)
+            self._degrade(backend, (
+                'missing transactions: last tid %s is of an unfinished '
+                'transaction (crash between vote and finish)'
+                % backend.last_tid.hex()), check=False)
         optimal = self._optimal()
         if optimal:
             newest = max(b.last_tid for b in optimal)
