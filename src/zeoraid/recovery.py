@@ -436,15 +436,19 @@ class Recovery:
             return start
         finally:
             stop_reader.set()
-            # Unblock a reader waiting on a full pipe.
+            # Unblock a reader waiting on a full pipe; drop the blob
+            # copies of what it had read ahead.
             try:
                 while True:
-                    pipe.get_nowait()
+                    item = pipe.get_nowait()
+                    if isinstance(item, CopiedTransaction):
+                        _remove_blob_copies(item)
             except queue.Empty:
                 pass
 
     def _read_ahead(self, start, pipe, stop):
         """Read source transactions into the pipe (runs in its own thread)."""
+        iterator = None
         try:
             iterator = self.source.call(
                 self.timeout, lambda s: iter(s.iterator(start)))
@@ -461,12 +465,18 @@ class Recovery:
                         break
                     except queue.Full:
                         continue
-            close = getattr(iterator, 'close', None)
-            if close is not None:
-                close()
+                else:
+                    _remove_blob_copies(txn)
             item = None
         except Exception as exc:
             item = exc
+        finally:
+            close = getattr(iterator, 'close', None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
         while not stop.is_set():
             try:
                 pipe.put(item, timeout=0.2)
@@ -585,6 +595,12 @@ class Recovery:
                        candidates[0].name)
         self.source = candidates[0]
         self.progress.source = self.source.name
+
+
+def _remove_blob_copies(txn):
+    for path in txn.blobs.values():
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def _has_transaction(storage, tid):
