@@ -210,7 +210,15 @@ class FailingStorage(ChaosTestBase):
 
     def test_disk_full(self):
         b2 = self.cluster.backend('b2')
-        self.scenario(b2.limit_file_size, expect_degraded=['b2'])
+
+        def heal():
+            # The operator frees space and restarts the backend: a
+            # FileStorage whose write failed half-way has closed its file
+            # ("seek of closed file") and serves nothing until restarted.
+            self.cluster.heal_all()
+            b2.server.stop()
+            b2.server.restart()
+        self.scenario(b2.limit_file_size, expect_degraded=['b2'], heal=heal)
 
 
 class BlobFaults(ChaosTestBase):
