@@ -149,7 +149,6 @@ class CoopTests(unittest.TestCase):
         from tests.tcpproxy import FaultProxy
         proxy = FaultProxy(self.servers[1].addr)
         self.addCleanup(proxy.close)
-        import functools
         import ZEO.ClientStorage
 
         def via_proxy():

@@ -32,7 +32,6 @@ from ZODB.tests.MinPO import MinPO
 from ZODB.tests.StorageTestBase import zodb_pickle
 from ZODB.utils import maxtid
 from ZODB.utils import newTid
-from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 from zope.interface import implementer

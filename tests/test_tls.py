@@ -16,8 +16,6 @@ import sys
 import tempfile
 import unittest
 
-import transaction
-import ZConfig
 import ZEO.ClientStorage
 import ZEO.Exceptions
 import ZEO.runzeo

@@ -181,6 +181,28 @@ def _wait_connected(storage, timeout):
         time.sleep(0.02)
 
 
+def close_iterator(iterator):
+    """Close a storage iterator if it can be closed (remote ones hold
+    server resources); errors on the way out do not matter."""
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+def has_transaction(storage, tid):
+    """Does the storage really have the transaction `tid`?"""
+    iterator = storage.iterator(tid, tid)
+    try:
+        for txn in iterator:
+            return txn.tid == tid
+        return False
+    finally:
+        close_iterator(iterator)
+
+
 def authoritative_last_tid(storage):
     """The backend's last committed tid, asked of the server if remote.
 

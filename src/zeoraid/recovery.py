@@ -32,6 +32,8 @@ from ZODB.utils import u64
 from ZODB.utils import z64
 
 from zeoraid.backend import authoritative_last_tid
+from zeoraid.backend import close_iterator
+from zeoraid.backend import has_transaction
 from zeoraid.errors import RAIDError
 
 logger = logging.getLogger('zeoraid')
@@ -227,7 +229,7 @@ class Recovery:
                 _tid_time(target_last) - VERIFY_WINDOW_SECONDS)[:5] + (
                 0.0,)).raw()
         target_txns = self._read_range(self.target, window_start, target_last)
-        source_has_last = self.source.call(self.timeout, _has_transaction,
+        source_has_last = self.source.call(self.timeout, has_transaction,
                                            target_last)
         if not target_txns or target_txns[-1].tid != target_last:
             if not source_has_last:
@@ -348,9 +350,7 @@ class Recovery:
             try:
                 return [_materialize(t) for t in it]
             finally:
-                close = getattr(it, 'close', None)
-                if close is not None:
-                    close()
+                close_iterator(it)
         return backend.call(max(self.timeout, 60), read)
 
     def copy(self, start):
@@ -471,12 +471,7 @@ class Recovery:
         except Exception as exc:
             item = exc
         finally:
-            close = getattr(iterator, 'close', None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    pass
+            close_iterator(iterator)
         while not stop.is_set():
             try:
                 pipe.put(item, timeout=0.2)
@@ -601,11 +596,6 @@ def _remove_blob_copies(txn):
     for path in txn.blobs.values():
         if os.path.exists(path):
             os.remove(path)
-
-
-def _has_transaction(storage, tid):
-    from zeoraid.storage import _has_transaction as has
-    return has(storage, tid)
 
 
 def _next_materialized(storage, iterator):

@@ -41,6 +41,8 @@ from zeoraid.backend import Backend
 from zeoraid.backend import BackendUpcalls
 from zeoraid.backend import FairLock
 from zeoraid.backend import authoritative_last_tid
+from zeoraid.backend import close_iterator
+from zeoraid.backend import has_transaction
 from zeoraid.backend import is_client_storage
 from zeoraid.commit import BlobPlacement
 from zeoraid.commit import Commit
@@ -241,7 +243,7 @@ class RAIDStorage:
                 continue
             try:
                 has_last[backend] = backend.call(
-                    self.timeout, _has_transaction, backend.last_tid)
+                    self.timeout, has_transaction, backend.last_tid)
             except Exception as exc:
                 self._degrade(backend, 'iterator: %s' % fanout.describe(exc),
                               check=False)
@@ -1057,19 +1059,6 @@ class RAIDStorage:
             backend.close(self.timeout)
 
 
-def _has_transaction(storage, tid):
-    """Does the storage really have the transaction `tid`?"""
-    iterator = storage.iterator(tid, tid)
-    try:
-        for txn in iterator:
-            return txn.tid == tid
-        return False
-    finally:
-        close = getattr(iterator, 'close', None)
-        if close is not None:
-            close()
-
-
 def _pack_stop(t):
     """The tid FileStorage derives from a pack time (FileStorage.pack)."""
     return TimeStamp(*(time.gmtime(t)[:5] + (t % 60,))).raw()
@@ -1133,12 +1122,7 @@ class RAIDIterator:
         self._closed = True
         iterator = self._iterator
         self._iterator = None
-        close = getattr(iterator, 'close', None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                pass
+        close_iterator(iterator)
 
 
 class RAIDTransactionRecord(TransactionRecord):

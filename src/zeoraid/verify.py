@@ -37,6 +37,7 @@ from ZODB.utils import u64
 from ZODB.utils import z64
 
 from zeoraid.backend import authoritative_last_tid
+from zeoraid.backend import close_iterator
 from zeoraid.errors import RAIDError
 from zeoraid.recovery import RateLimiter
 from zeoraid.recovery import describe
@@ -235,12 +236,6 @@ def _other(name, reference, candidates):
     return candidates[0] if candidates else reference
 
 
-def _close(iterator):
-    close = getattr(iterator, 'close', None)
-    if close is not None:
-        close()
-
-
 def _short(digest):
     return digest[:16] if digest else 'no data'
 
@@ -307,7 +302,7 @@ class _Verifier:
                          for name, it in iterators.items()}
         finally:
             for iterator in iterators.values():
-                _close(iterator)
+                close_iterator(iterator)
 
     def _presence(self, heads, tid):
         holders = [n for n in self.names
@@ -459,7 +454,7 @@ class _Verifier:
                     return txn.tid
                 return None
             finally:
-                _close(it)
+                close_iterator(it)
         return self.call(name, first)
 
 
