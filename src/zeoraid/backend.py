@@ -382,6 +382,10 @@ class Backend:
         storage = self._require_storage()
         return self._worker.submit(fn, storage, *args, **kw)
 
+    def submit_read(self, fn, *args, **kw):
+        """Queue fn(storage, *args) on a reader thread; returns a future."""
+        return self._readers.submit(fn, self._require_storage(), *args, **kw)
+
     def call(self, timeout, fn, *args, **kw):
         """Run fn(storage, *args) in a reader thread; wait up to timeout."""
         storage = self._require_storage()

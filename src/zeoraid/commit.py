@@ -66,10 +66,8 @@ class Commit:
         self.status = status
         self.timeout = raid.timeout
         self.shares = [BackendTransaction(b) for b in backends]
-        self.blob_files = []     # uploaded blob files the RAID owns
-        self.committed_blobs = []  # (oid, filename) to publish at finish
+        self.blobs = []          # (oid, uploaded file the RAID owns)
         self.stored_data = None  # oid -> data, for client-side resolution
-        self.undone_oids = []
         self.voted = False
         self.nbytes = 0          # size of the data stored (recovery credit)
         self.started = time.monotonic()
@@ -130,8 +128,7 @@ class Commit:
         Backends move the file they are given into their own blob
         directory or cache, so one file cannot serve two backends.
         """
-        self.blob_files.append(blobfilename)
-        self.committed_blobs.append((oid, blobfilename))
+        self.blobs.append((oid, blobfilename))
         if self.stored_data is not None:
             self.stored_data[oid] = data
         for share in self._require_active():
@@ -170,7 +167,6 @@ class Commit:
         else:
             oids = self.raid._oids_of_transaction(
                 self.raid._undo_tid(transaction_id))
-        self.undone_oids.extend(oids)
         return self.tid, oids
 
     def vote(self):
@@ -232,9 +228,8 @@ class Commit:
         retries with a new tid. Backends whose last tid is behind the
         others missed a commit of another server: they are degraded.
         """
-        futures = {s.backend: s.backend._readers.submit(
-            authoritative_last_tid, s.backend.storage)
-            for s in self.active()}
+        futures = {s.backend: s.backend.submit_read(authoritative_last_tid)
+                   for s in self.active()}
         lasts = {}
         for outcome in fanout.gather(futures, self.timeout):
             if outcome.ok:
@@ -360,11 +355,11 @@ class Commit:
     def cleanup(self, committed):
         """Remove temporary blob files; publish blobs for shared clients."""
         if committed:
-            self.raid._blobs.publish(self.committed_blobs, self.tid)
+            self.raid._blobs.publish(self.blobs, self.tid)
         for share in self.shares:
             for link in share.blob_links:
                 _remove(link)
-        for filename in self.blob_files:
+        for _, filename in self.blobs:
             _remove(filename)
 
 
@@ -389,8 +384,6 @@ class BlobPlacement:
         self.blob_dir = blob_dir
         self.shared = shared
         self.fshelper = None
-        self.bytes_copied = 0
-        self.links_made = 0
         if blob_dir is not None:
             import ZODB.blob
             self.fshelper = ZODB.blob.FilesystemHelper(blob_dir)
@@ -408,10 +401,8 @@ class BlobPlacement:
         os.remove(target)
         try:
             os.link(filename, target)
-            self.links_made += 1
         except OSError:
             shutil.copyfile(filename, target)
-            self.bytes_copied += os.path.getsize(target)
         return target
 
     def publish(self, blobs, tid):

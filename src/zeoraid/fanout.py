@@ -6,7 +6,6 @@ agree with the majority stay healthy, the others are degraded. Backends
 that did not answer, or lost their connection, never get a vote.
 """
 import concurrent.futures
-import time
 
 import ZODB.POSException
 
@@ -62,16 +61,9 @@ def gather(futures, timeout):
     Futures still running at the deadline become BackendTimeout outcomes;
     the call keeps running in the backend's own thread.
     """
-    deadline = time.monotonic() + timeout
     concurrent.futures.wait(list(futures.values()), timeout=timeout)
     outcomes = []
     for backend, future in futures.items():
-        if not future.done():
-            # One more tiny grace period so a call finishing right at the
-            # deadline is not counted as hung.
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                concurrent.futures.wait([future], timeout=remaining)
         if future.done():
             error = future.exception()
             if error is None:

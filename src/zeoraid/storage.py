@@ -739,7 +739,7 @@ class RAIDStorage:
             if gc is None:
                 return storage.pack(t, referencesf)
             return storage.pack(t, referencesf, gc=gc)
-        futures = {b: b._readers.submit(pack, b.storage) for b in optimal}
+        futures = {b: b.submit_read(pack) for b in optimal}
         outcomes = fanout.gather(futures, self.pack_timeout or 1e9)
         verdict = fanout.vote(outcomes, self._backends)
         for outcome, reason in verdict.losers:

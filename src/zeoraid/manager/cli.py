@@ -266,17 +266,28 @@ def _status_code(status):
     return STATUS_EXIT.get(status, UNKNOWN)
 
 
-def cmd_status(ctx):
-    response = ctx.call('status')
+def _status_request(ctx, op):
+    """Ask for status or details: (result, exit code).
+
+    With --json the answer is printed as it is and result is None.
+    """
+    response = ctx.call(op)
     if ctx.options.json:
         _emit_json(response)
         if not response['ok']:
-            return UNKNOWN
-        return _status_code(response['result'].get('status'))
+            return None, UNKNOWN
+        return None, _status_code(response['result'].get('status'))
     if not response['ok']:
         raise Failure(response.get('error'))
-    print(status_line(response['result']))
-    return _status_code(response['result'].get('status'))
+    result = response['result']
+    return result, _status_code(result.get('status'))
+
+
+def cmd_status(ctx):
+    result, code = _status_request(ctx, 'status')
+    if result is not None:
+        print(status_line(result))
+    return code
 
 
 def _format_time(seconds):
@@ -332,15 +343,9 @@ def _progress(info, first_backlog=None):
 
 
 def cmd_details(ctx):
-    response = ctx.call('details')
-    if ctx.options.json:
-        _emit_json(response)
-        if not response['ok']:
-            return UNKNOWN
-        return _status_code(response['result'].get('status'))
-    if not response['ok']:
-        raise Failure(response.get('error'))
-    result = response['result']
+    result, code = _status_request(ctx, 'details')
+    if result is None:
+        return code
     print(status_line(result).split(' | ')[0])
     print('last tid: %s' % (result.get('last_tid') or '-'))
     rows = [('BACKEND', 'STATE', 'SINCE', 'LAST TID', 'LAG', 'REASON')]
@@ -363,7 +368,7 @@ def cmd_details(ctx):
     for row in rows:
         print('  '.join(str(c).ljust(w) for c, w in zip(row, widths))
               + '  ' + str(row[-1]))
-    return _status_code(result.get('status'))
+    return code
 
 
 def _simple(ctx, op, args, render):
