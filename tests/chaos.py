@@ -48,6 +48,7 @@ from BTrees.OOBTree import OOBTree
 from persistent.mapping import PersistentMapping
 from ZODB.utils import tid_repr
 
+from tests.polling import wait_until
 from tests.tcpproxy import FaultProxy
 from tests.zeo_backends import BackendServer
 from zeoraid.manager.client import AdminClient
@@ -64,17 +65,6 @@ RECOVERY_TIMEOUT = 30.0
 _ADDRESS_RE = re.compile(r'serving storages .* on ([\d.]+):(\d+);')
 
 
-def wait_until(predicate, timeout, what, interval=0.05):
-    """Poll predicate until true; AssertionError naming `what` if not."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError('timed out after %gs waiting for %s'
-                                 % (timeout, what))
-        time.sleep(interval)
 
 
 # -- backends -----------------------------------------------------------------

@@ -10,6 +10,7 @@ from ZODB.FileStorage import FileStorage
 
 from tests.faulty import FaultyStorage
 from tests.invariants import assert_replicas_identical
+from tests.polling import poll
 from zeoraid.recovery import AutoRecover
 from zeoraid.storage import RAIDStorage
 
@@ -17,12 +18,7 @@ DEADLINE = 30
 
 
 def wait_until(condition, seconds=DEADLINE):
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+    return poll(condition, seconds, 0.05)
 
 
 class AutoRecoverTests(unittest.TestCase):

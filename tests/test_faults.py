@@ -41,6 +41,7 @@ from tests.faulty import InjectedFault
 from tests.faulty import OneShot
 from tests.invariants import assert_replicas_identical
 from tests.invariants import committed_tids
+from tests.polling import poll
 
 from zeoraid.errors import RAIDError
 from zeoraid.errors import RAIDFailedError
@@ -54,13 +55,8 @@ HANG_LIMIT = TIMEOUT * 4
 SETTLE = 2.0
 
 
-def wait_until(condition, timeout=SETTLE, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
+def wait_until(condition, timeout=SETTLE):
+    return poll(condition, timeout)
 
 
 def ref(oid):

@@ -42,6 +42,7 @@ from ZODB.utils import z64
 from tests.faulty import FaultyStorage
 from tests.invariants import assert_replicas_identical
 from tests.invariants import committed_tids
+from tests.polling import poll
 
 from zeoraid.errors import RAIDError
 from zeoraid.recovery import CopiedTransaction
@@ -58,14 +59,9 @@ RECOVERY_LIMIT = 60.0
 
 # -- helpers shared with test_recovery_zeo ----------------------------------
 
-def wait_until(condition, timeout=RECOVERY_LIMIT, interval=0.01):
+def wait_until(condition, timeout=RECOVERY_LIMIT):
     """Poll condition() until true or timeout; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
+    return poll(condition, timeout, 0.01)
 
 
 def wait_recovery(test, raid, timeout=RECOVERY_LIMIT):

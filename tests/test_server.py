@@ -27,6 +27,7 @@ import ZODB.POSException
 import ZODB.utils
 from persistent.mapping import PersistentMapping
 
+from tests.polling import wait_until
 from tests.zeo_backends import start_backends
 from tests.zeo_backends import stop_all
 from zeoraid.manager.client import AdminClient
@@ -42,16 +43,6 @@ def backend_section(name, addr, extra=''):
             '  </zeoclient>\n' % (name, addr[0], addr[1], extra))
 
 
-def wait_until(predicate, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError('timed out after %gs waiting for %s'
-                                 % (timeout, what))
-        time.sleep(interval)
 
 
 class RaidServer:
