@@ -30,6 +30,7 @@ import ZODB.MappingStorage  # noqa: F401
 import ZODB.utils
 import zope.interface
 
+from zeoraid.direct import DirectClient
 from zeoraid.errors import BackendTimeout
 from zeoraid.errors import BackendUnavailable
 
@@ -223,6 +224,7 @@ class Backend:
         self.opener = opener
         self.raid_name = raid_name
         self.storage = None
+        self.direct = None           # DirectClient of a ZEO backend
         self.state = DEGRADED
         self.reason = 'not opened yet'
         self.since = time.time()
@@ -266,6 +268,7 @@ class Backend:
             logger.warning('backend %s of RAID %s could not be opened: %r',
                            self.name, self.raid_name, exc)
         else:
+            self.direct = DirectClient.for_storage(storage)
             self.storage = storage
             self._inspect(storage)
         finally:
@@ -281,6 +284,7 @@ class Backend:
         """
         old = self.storage
         self.storage = None
+        self.direct = None
         self._worker.shutdown()
         self._readers.shutdown(wait=False)
         self._worker = SerialWorker('zeoraid-%s-commit' % self.name)

@@ -7,6 +7,11 @@
     tpc_finish -> run on all backends in parallel, each must return the tid
     tpc_abort  -> queued on every backend that got tpc_begin, always
 
+"Queued" means: on the backend's commit worker, or for a ZEO backend
+kept as messages that go to its IO thread in one batch with the vote
+(direct.DirectTransaction); votes and finishes are sent to all backends
+first and their answers awaited together.
+
 A backend that fails on the way is degraded and left out of the rest of
 the transaction, but still gets its tpc_abort.
 """
@@ -19,6 +24,7 @@ import time
 import ZODB.POSException
 import ZODB.utils
 
+from zeoraid import direct as direct_client
 from zeoraid import fanout
 from zeoraid.backend import authoritative_last_tid
 from zeoraid.errors import BackendsFailedError
@@ -30,13 +36,14 @@ logger = logging.getLogger('zeoraid')
 class BackendTransaction:
     """One backend's share of a RAID transaction."""
 
-    __slots__ = ('backend', 'error', 'blob_links', 'finished')
+    __slots__ = ('backend', 'error', 'blob_links', 'finished', 'direct')
 
     def __init__(self, backend):
         self.backend = backend
         self.error = None        # first exception of a pipelined call
         self.blob_links = []     # per-backend links of uploaded blobs
         self.finished = False    # tpc_finish was sent (no abort needed)
+        self.direct = None       # DirectTransaction (ZEO backends)
 
 
 def _guarded(storage, share, method, args):
@@ -95,7 +102,24 @@ class Commit:
         for share in self._require_active():
             self._submit(share, method, args + (self.txn,))
 
+    def _flush(self, share):
+        """Before a worker call: send what a direct share still holds."""
+        if share.direct is not None and share.error is None:
+            try:
+                share.direct.flush()
+            except Exception as exc:
+                share.error = exc
+
     def _submit(self, share, method, args):
+        if share.direct is not None:
+            # Errors are remembered and answered at the vote, as for
+            # pipelined calls in the worker.
+            if share.error is None:
+                try:
+                    share.direct.call(method, args)
+                except Exception as exc:
+                    share.error = exc
+            return
         try:
             share.backend.submit(_guarded, share, method, args)
         except Exception as exc:
@@ -104,6 +128,7 @@ class Commit:
     # -- the protocol ------------------------------------------------------
 
     def begin(self):
+        cache_data = True
         for share in self.shares:
             if share.backend.begin_takes_status:
                 args = (self.txn, self.tid, self.status)
@@ -113,6 +138,17 @@ class Commit:
                 share.error = ZODB.POSException.Unsupported(
                     'backend %s cannot take transaction status %r'
                     % (share.backend.name, self.status))
+                continue
+            client = share.backend.direct
+            if client is not None and client.can_begin():
+                try:
+                    # Only the most trusted backend (the usual reader)
+                    # keeps the new records in its client cache.
+                    share.direct = client.begin(*args,
+                                                cache_data=cache_data)
+                    cache_data = False
+                except Exception as exc:
+                    share.error = exc
                 continue
             self._submit(share, 'tpc_begin', args)
 
@@ -154,6 +190,7 @@ class Commit:
         futures = {}
         for share in self._require_active():
             try:
+                self._flush(share)
                 futures[share.backend] = share.backend.submit(
                     _guarded, share, 'undo', (transaction_id, self.txn))
             except Exception as exc:
@@ -173,14 +210,7 @@ class Commit:
         if self.raid.cluster_mode == 'coop':
             outcomes = self._vote_in_order()
         else:
-            futures = {}
-            for share in self._require_active():
-                try:
-                    futures[share.backend] = share.backend.submit(
-                        _vote_call, share, self.txn)
-                except Exception as exc:
-                    self._degrade(share.backend, fanout.describe(exc))
-            outcomes = fanout.gather(futures, self.timeout)
+            outcomes = self._vote_parallel()
         verdict = self._decide(outcomes, 'tpc_vote')
         if verdict.error is not None:
             raise self._for_client(verdict.error)
@@ -196,6 +226,10 @@ class Commit:
         self.voted = True
         return resolved or None
 
+    def _vote_parallel(self):
+        """Send the vote to every backend, then wait for all answers."""
+        return self._vote_shares(self._require_active(), self.timeout)
+
     def _vote_in_order(self):
         """coop: vote one backend after the other, in backend-name order.
 
@@ -209,14 +243,57 @@ class Commit:
         outcomes = []
         for share in sorted(self._require_active(),
                             key=lambda s: s.backend.name):
-            try:
-                future = share.backend.submit(_vote_call, share, self.txn)
-            except Exception as exc:
-                self._degrade(share.backend, fanout.describe(exc))
-                continue
-            outcomes.extend(fanout.gather({share.backend: future},
-                                          self.timeout * 2))
+            outcomes.extend(self._vote_shares([share], self.timeout * 2))
         return outcomes
+
+    def _vote_shares(self, shares, timeout):
+        """Vote on `shares` in parallel; one Outcome per backend voted."""
+        deadline = time.monotonic() + timeout
+        futures = {}
+        outcomes = []
+        direct = {}
+        for share in shares:
+            if share.direct is None:
+                try:
+                    futures[share.backend] = share.backend.submit(
+                        _vote_call, share, self.txn)
+                except Exception as exc:
+                    self._degrade(share.backend, fanout.describe(exc))
+                continue
+            try:
+                if share.error is not None:
+                    raise share.error
+                futures[share.backend] = share.direct.send_vote()
+                direct[share.backend] = share
+            except Exception as exc:
+                outcomes.append(fanout.Outcome(share.backend, error=exc))
+        resolving = {}
+        for outcome in fanout.gather(futures, timeout):
+            share = direct.get(outcome.backend)
+            if share is not None and not isinstance(
+                    outcome.error, fanout.CONNECTIVITY_ERRORS):
+                if outcome.ok and share.direct.needs_resolution(
+                        outcome.value):
+                    resolving[share.backend] = self._resolve(share,
+                                                             outcome.value)
+                    continue
+                try:
+                    outcome.value = share.direct.complete_vote(
+                        outcome.value, outcome.error)
+                    outcome.error = None
+                except Exception as exc:
+                    outcome.value, outcome.error = None, exc
+            outcomes.append(outcome)
+        if resolving:
+            outcomes.extend(fanout.gather(
+                resolving, max(0.0, deadline - time.monotonic())))
+        return outcomes
+
+    def _resolve(self, share, answer):
+        """Client-side conflict resolution, in the backend's worker."""
+        return share.backend.submit(
+            lambda storage: direct_client.resolve_conflicts(
+                storage, self.txn, answer))
 
     def _check_coop_order(self):
         """coop: with every backend's lock held, the order must hold.
@@ -300,12 +377,17 @@ class Commit:
         committed: it is degraded as "unknown outcome".
         """
         futures = {}
+        direct_finishes = {}
         for share in self.active():
             share.finished = True
             try:
-                futures[share.backend] = share.backend.submit(
-                    lambda storage: storage.tpc_finish(self.txn,
-                                                       lambda tid: None))
+                if share.direct is None:
+                    futures[share.backend] = share.backend.submit(
+                        lambda storage: storage.tpc_finish(self.txn,
+                                                           lambda tid: None))
+                else:
+                    futures[share.backend] = share.direct.send_finish()
+                    direct_finishes[share.backend] = share.direct
             except Exception as exc:
                 share.finished = False
                 self._degrade(share.backend, 'unknown outcome: %s'
@@ -322,8 +404,10 @@ class Commit:
                 self._degrade(backend, 'unknown outcome: tpc_finish: %s'
                               % fanout.describe(outcome.error))
                 # Make sure the backend's transaction ends: harmless if
-                # the finish got far enough to end it already.
-                backend.abort(self.txn)
+                # the finish got far enough to end it already. (A direct
+                # finish ends it itself when the answer or error comes.)
+                if backend not in direct_finishes:
+                    backend.abort(self.txn)
             elif outcome.value is not None and outcome.value != self.tid:
                 self._degrade(backend, 'committed tid %s, expected %s' % (
                     ZODB.utils.tid_repr(outcome.value),
@@ -331,6 +415,8 @@ class Commit:
             else:
                 backend.last_tid = self.tid
                 committed.append(backend)
+                if backend in direct_finishes:
+                    direct_finishes[backend].complete_finish(self.tid)
         if not committed:
             self.raid._check_failed()
             raise RAIDFailedError(

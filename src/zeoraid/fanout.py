@@ -6,6 +6,7 @@ agree with the majority stay healthy, the others are degraded. Backends
 that did not answer, or lost their connection, never get a vote.
 """
 import concurrent.futures
+import time
 
 import ZODB.POSException
 
@@ -58,22 +59,41 @@ class Outcome:
 def gather(futures, timeout):
     """Wait for {backend: future} up to timeout; return a list of Outcomes.
 
-    Futures still running at the deadline become BackendTimeout outcomes;
-    the call keeps running in the backend's own thread.
+    The futures are concurrent.futures.Future (a backend's worker threads)
+    or ZEO's own thread-safe futures (a DirectClient's requests: they only
+    support result(timeout)); all share one deadline. Futures still
+    running at the deadline become BackendTimeout outcomes; the call keeps
+    running in the backend's own thread.
     """
-    concurrent.futures.wait(list(futures.values()), timeout=timeout)
-    outcomes = []
-    for backend, future in futures.items():
-        if future.done():
-            error = future.exception()
-            if error is None:
-                outcomes.append(Outcome(backend, value=future.result()))
-            else:
-                outcomes.append(Outcome(backend, error=error))
+    deadline = time.monotonic() + timeout
+    workers = []
+    for future in futures.values():
+        if isinstance(future, concurrent.futures.Future):
+            workers.append(future)
         else:
-            outcomes.append(Outcome(backend, error=BackendTimeout(
-                'backend %s: no answer within %gs' % (backend.name, timeout))))
-    return outcomes
+            _wait_zeo(future, deadline)
+    if workers:
+        concurrent.futures.wait(
+            workers, timeout=max(0.0, deadline - time.monotonic()))
+    return [_outcome(backend, future, timeout)
+            for backend, future in futures.items()]
+
+
+def _wait_zeo(future, deadline):
+    try:
+        future.result(max(0.0, deadline - time.monotonic()))
+    except BaseException:
+        pass    # looked at again in _outcome
+
+
+def _outcome(backend, future, timeout):
+    if not future.done():
+        return Outcome(backend, error=BackendTimeout(
+            'backend %s: no answer within %gs' % (backend.name, timeout)))
+    try:
+        return Outcome(backend, value=future.result(0))
+    except Exception as exc:
+        return Outcome(backend, error=exc)
 
 
 class Verdict:

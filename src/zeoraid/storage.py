@@ -446,10 +446,28 @@ class RAIDStorage:
         return self._supports_undo
 
     def getSize(self):
+        client = self._info_client()
+        if client is not None:
+            return client.size()
         return self._read(lambda s: s.getSize())
 
     def __len__(self):
+        client = self._info_client()
+        if client is not None:
+            return client.length()
         return self._read(len)
+
+    def _info_client(self):
+        """A ZEO backend that knows len() and getSize() without asking.
+
+        ZEO servers ask both after every commit; a ClientStorage answers
+        them from the info its server last sent, so no thread is needed.
+        """
+        for backend in self._optimal():
+            client = backend.direct
+            if client is not None:
+                return client
+        return None
 
     def registerDB(self, wrapper):
         self._wrapper = wrapper

@@ -1,0 +1,356 @@
+"""The commit path of a ZEO ClientStorage backend, without thread hops.
+
+ClientStorage hands every call to its IO thread: tpc_begin and each store
+are one message each, queued with a thread switch, and tpc_vote and
+tpc_finish wait for the answer. Through the backend's commit worker that
+is two more thread switches per call and backend.
+
+For a ZEO backend the RAID instead keeps the transaction's messages
+(tpc_begin, storea, restorea, ...) in a list, from the ZEO server's own
+thread, and hands them to the IO thread in one go together with the vote
+(or earlier, when they grow large). Vote and finish are split into *send*
+(returns the IO thread's future) and *complete* (what ClientStorage does
+with the answer), so the RAID sends to every backend first and then waits
+for all the answers against its own deadline. A backend that never
+answers blocks nothing but its own future.
+
+The transaction is still ClientStorage's own: the same transaction
+buffer slot, commit lock and connection generation, so tpc_abort, undo
+and the other calls that still go through the worker see a normal
+ClientStorage transaction. The buffer keeps the records in memory (the
+client cache is updated from it at finish) instead of a temporary file.
+
+This leans on ClientStorage internals that are the same in ZEO 5 and 6;
+`DirectClient.for_storage` checks they are there. Any other storage (and
+a ZEO without them) keeps using the commit worker.
+"""
+import logging
+
+import ZEO.ClientStorage
+import ZEO.TransactionBuffer
+import ZODB.POSException
+from ZEO.Exceptions import ClientDisconnected
+
+logger = logging.getLogger('zeoraid')
+
+#: Messages are handed to the IO thread early once they hold this much
+#: data, so a large transaction streams to the backend while it is built.
+FLUSH_BYTES = 1 << 20
+
+#: Records are kept for the backend's client cache up to this much data
+#: per transaction; beyond it the cache is only invalidated.
+CACHE_BYTES = 16 << 20
+
+_RUNNER_API = ('io_call', 'client', 'loop')
+_CLIENT_API = ('tpc_finish_co', 'call_async', 'operational')
+_STORAGE_API = ('_check_trans', 'tpc_end', '_commit_lock',
+                '_update_blob_cache', '_iterator_gc', '_cache',
+                '_connection_generation', '_is_read_only')
+
+
+def _ignore(tid):
+    pass
+
+
+class MemoryBuffer(ZEO.TransactionBuffer.TransactionBuffer):
+    """ClientStorage's transaction buffer, in memory.
+
+    The records are the bytes objects the RAID got from its client (no
+    copy). Without `keep_data`, or past CACHE_BYTES, only the oids are
+    kept: the backend's cache then invalidates them instead of storing
+    the new data.
+    """
+
+    def __init__(self, connection_generation, keep_data=True):
+        self.connection_generation = connection_generation
+        self.cache_bytes = CACHE_BYTES if keep_data else -1
+        self.records = []
+        self.count = 0
+        self.size = 0
+        self.blobs = []
+        self.server_resolved = set()
+        self.client_resolved = {}
+        self.exception = None
+
+    def close(self):
+        self.records = []
+
+    def store(self, oid, data):
+        if data is not None and self.size + len(data) > self.cache_bytes:
+            data = None
+        self.records.append((oid, data))
+        self.count += 1
+        self.size += (len(data) if data else 0) + 31
+
+    def __iter__(self):
+        server_resolved = self.server_resolved
+        client_resolved = self.client_resolved
+        seen = set()
+        for i, (oid, data) in enumerate(self.records):
+            if client_resolved.get(oid, i) == i:
+                seen.add(oid)
+                yield oid, data, oid in server_resolved
+        for oid in server_resolved:     # undone records (as ZEO does)
+            if oid not in seen:
+                yield oid, None, True
+
+
+class DirectClient:
+    """A backend ClientStorage whose commit path the RAID drives itself."""
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.runner = storage._server
+
+    @classmethod
+    def for_storage(cls, storage):
+        """A DirectClient if `storage` is a ClientStorage we understand."""
+        if not isinstance(storage, ZEO.ClientStorage.ClientStorage):
+            return None
+        runner = getattr(storage, '_server', None)
+        client = getattr(runner, 'client', None)
+        if (not all(hasattr(runner, name) for name in _RUNNER_API)
+                or not all(hasattr(client, name) for name in _CLIENT_API)
+                or not all(hasattr(storage, name) for name in _STORAGE_API)):
+            return None
+        return cls(storage)
+
+    def can_begin(self):
+        """False while an earlier transaction still holds the client.
+
+        ClientStorage's commit lock is held only if an earlier finish or
+        abort never came back (a hung backend). Waiting for it must
+        happen in the worker, never in the ZEO server's thread.
+        """
+        return not self.storage._commit_lock.locked()
+
+    def begin(self, txn, tid, status, cache_data=True):
+        """ClientStorage.tpc_begin, with the message kept back.
+
+        cache_data: put the committed records into this backend's client
+        cache (else they are only invalidated there). Storing them costs
+        the IO thread time at finish; the RAID does it for one backend.
+        """
+        return DirectTransaction(self, txn, tid, status, cache_data)
+
+    def length(self):
+        return len(self.storage)
+
+    def size(self):
+        return self.storage.getSize()
+
+
+class DirectTransaction:
+    """One backend's share of a RAID transaction, sent in batches."""
+
+    def __init__(self, client, txn, tid, status, cache_data=True):
+        storage = client.storage
+        if storage._is_read_only:
+            raise ZODB.POSException.ReadOnlyError()
+        try:
+            existing = txn.data(storage)
+        except AttributeError:
+            # A transaction record being copied: give it ClientStorage's
+            # per-storage slots (as ClientStorage.tpc_begin does).
+            slots = {}
+            txn.data = slots.__getitem__
+            txn.set_data = slots.__setitem__
+            existing = None
+        except KeyError:
+            existing = None
+        if existing is not None:
+            raise ZODB.POSException.StorageTransactionError(
+                'Duplicate tpc_begin calls for same transaction')
+        if not storage._commit_lock.acquire(blocking=False):
+            raise ZODB.POSException.StorageTransactionError(
+                'backend client is still in an earlier transaction')
+        self.client = client
+        self.storage = storage
+        self.txn = txn
+        self.tbuf = MemoryBuffer(storage._connection_generation, cache_data)
+        txn.set_data(storage, self.tbuf)
+        storage._tbuf = self.tbuf
+        self.messages = [('tpc_begin', (
+            id(txn), txn.user, txn.description, txn.extension, tid,
+            status))]
+        self.nbytes = 0
+
+    def _check(self, what):
+        return self.storage._check_trans(self.txn, what)
+
+    # -- queued calls (what ClientStorage would send at once) -------------
+
+    def store(self, oid, serial, data, version, txn):
+        tbuf = self._check('store')
+        self._queue('storea', (oid, serial, data, id(txn)), data)
+        tbuf.store(oid, data)
+
+    def restore(self, oid, serial, data, version, prev_txn, txn):
+        self._check('restore')
+        self._queue('restorea', (oid, serial, data, prev_txn, id(txn)), data)
+
+    def deleteObject(self, oid, serial, txn):
+        tbuf = self._check('deleteObject')
+        self._queue('deleteObject', (oid, serial, id(txn)), None)
+        tbuf.store(oid, None)
+
+    def checkCurrentSerialInTransaction(self, oid, serial, txn):
+        self._check('checkCurrentSerialInTransaction')
+        self._queue('checkCurrentSerialInTransaction',
+                    (oid, serial, id(txn)), None)
+
+    def storeBlob(self, oid, serial, data, blobfilename, version, txn):
+        # The blob goes as a stream of messages: everything before it
+        # first, in order.
+        self.flush()
+        return self.storage.storeBlob(oid, serial, data, blobfilename,
+                                      version, txn)
+
+    def call(self, method, args):
+        """One of the queued calls above, by name."""
+        if method not in QUEUED_CALLS:
+            raise ZODB.POSException.Unsupported(
+                'backend %s has no %s' % (self.storage.getName(), method))
+        return getattr(self, method)(*args)
+
+    def _queue(self, method, args, data):
+        self.messages.append((method, args))
+        if data:
+            self.nbytes += len(data)
+            if self.nbytes >= FLUSH_BYTES:
+                self.flush()
+
+    def _take_messages(self):
+        messages, self.messages, self.nbytes = self.messages, [], 0
+        return messages
+
+    def flush(self):
+        """Hand the queued messages to the IO thread (before any other
+        call into this client, so the server sees them in order)."""
+        if not self.messages:
+            return
+        client = self.client.runner.client
+        if not client.operational:
+            raise ClientDisconnected('backend connection lost')
+        self.client.runner.loop.call_soon_threadsafe(
+            _send, client, self._take_messages())
+
+    # -- vote --------------------------------------------------------------
+
+    def send_vote(self):
+        """Send what is queued and the vote; returns the answer's future."""
+        self._check('tpc_vote')
+        messages = self._take_messages()
+        client = self.client.runner.client
+        txn_id = id(self.txn)
+
+        async def vote():
+            if not client.operational:
+                raise ClientDisconnected('backend connection lost')
+            _send(client, messages)
+            return await client.protocol.call_sync('vote', (txn_id,))
+        return self.client.runner.io_call(vote(), wait=False)
+
+    @staticmethod
+    def needs_resolution(answer):
+        """Did the server hand conflicts back for client-side resolution?"""
+        return any(isinstance(item, dict) for item in answer or ())
+
+    def complete_vote(self, answer=None, error=None):
+        """What ClientStorage.tpc_vote makes of the server's answer.
+
+        Returns the oids resolved by the server (or None); raises the
+        transaction's error.
+        """
+        if error is not None:
+            oid = getattr(error, 'oid', None)
+            if (isinstance(error, ZODB.POSException.ConflictError)
+                    and oid is not None):
+                # As ClientStorage does: the cached revision is suspect.
+                self.storage._cache.invalidate(oid, None)
+            raise error
+        tbuf = self._check('tpc_vote')
+        for oid in answer or ():
+            tbuf.server_resolve(oid)
+        return resolved_oids(tbuf)
+
+    # -- finish ------------------------------------------------------------
+
+    def send_finish(self):
+        """Send tpc_finish; returns the future of the committed tid.
+
+        The client's transaction ends (its commit lock is released) in the
+        IO thread when the answer or a connection error comes, whether or
+        not anybody still waits for it.
+        """
+        storage = self.storage
+        txn = self.txn
+        tbuf = self._check('tpc_finish')
+        client = self.client.runner.client
+
+        async def finish():
+            try:
+                return await client.tpc_finish_co(id(txn), tbuf, _ignore)
+            finally:
+                storage.tpc_end(txn)
+        return self.client.runner.io_call(finish(), wait=False)
+
+    def complete_finish(self, tid):
+        """Move the transaction's blobs into the client's blob cache."""
+        storage = self.storage
+        storage._iterator_gc()
+        try:
+            storage._update_blob_cache(self.tbuf, tid)
+        except Exception as exc:
+            # The transaction is committed; only the backend's blob cache
+            # missed the files (they are downloaded again when needed).
+            logger.warning('could not move committed blobs into the blob '
+                           'cache of %s: %r', storage.getName(), exc)
+
+
+QUEUED_CALLS = frozenset(['store', 'restore', 'deleteObject', 'storeBlob',
+                          'checkCurrentSerialInTransaction'])
+
+
+def _send(client, messages):
+    """In the IO thread: write the messages to the server, in order."""
+    for method, args in messages:
+        client.call_async(method, args)
+
+
+def resolved_oids(tbuf):
+    """ClientStorage.tpc_vote's result from a transaction buffer."""
+    if tbuf.exception:
+        raise tbuf.exception
+    if tbuf.server_resolved or tbuf.client_resolved:
+        return list(tbuf.server_resolved) + list(tbuf.client_resolved)
+    return None
+
+
+def resolve_conflicts(storage, txn, answer):
+    """ClientStorage.tpc_vote's resolution loop, from a vote answer on.
+
+    Only backends whose ZEO server has `client-conflict-resolution` on
+    hand conflicts back. Runs in the backend's commit worker: resolving
+    loads from the backend, and every round votes again.
+    """
+    tbuf = storage._check_trans(txn, 'tpc_vote')
+    attempts = 1
+    while True:
+        conflicts = False
+        for item in answer or ():
+            if isinstance(item, dict):
+                conflicts = True
+                oid = item['oid']
+                committed, read = item['serials']
+                data = storage.tryToResolveConflict(
+                    oid, committed, read, item['data'])
+                storage._async('storea', oid, committed, data, id(txn))
+                tbuf.resolve(oid, data)
+            else:
+                tbuf.server_resolve(item)
+        if not conflicts or attempts >= 9:
+            break
+        attempts += 1
+        answer = storage._call('vote', id(txn))
+    return resolved_oids(tbuf)
