@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 
+import ZODB.Connection
 import ZODB.POSException
 import ZODB.utils
 
@@ -63,12 +64,28 @@ def _vote_call(storage, share, txn):
     return storage.tpc_vote(txn)
 
 
+def for_backends(txn):
+    """The transaction as backends get it: with per-storage data slots.
+
+    A transaction record from an iterator (copyTransactionsFrom, a
+    restore) has none, and MappingStorage's even has a `data` dict;
+    ClientStorage keeps its transaction buffer in those slots.
+    """
+    if callable(getattr(txn, 'data', None)) and callable(
+            getattr(txn, 'set_data', None)):
+        return txn
+    meta = ZODB.Connection.TransactionMetaData(
+        txn.user, txn.description, txn.extension)
+    return meta
+
+
 class Commit:
     """State and logic of the RAID's current transaction."""
 
     def __init__(self, raid, txn, tid, status, backends):
         self.raid = raid
-        self.txn = txn
+        self.client_txn = txn    # what the RAID's caller passes
+        self.txn = for_backends(txn)
         self.tid = tid
         self.status = status
         self.timeout = raid.timeout

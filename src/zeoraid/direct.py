@@ -149,13 +149,6 @@ class DirectTransaction:
             raise ZODB.POSException.ReadOnlyError()
         try:
             existing = txn.data(storage)
-        except AttributeError:
-            # A transaction record being copied: give it ClientStorage's
-            # per-storage slots (as ClientStorage.tpc_begin does).
-            slots = {}
-            txn.data = slots.__getitem__
-            txn.set_data = slots.__setitem__
-            existing = None
         except KeyError:
             existing = None
         if existing is not None:

@@ -478,7 +478,7 @@ class RAIDStorage:
 
     def tpc_transaction(self):
         commit = self._commit
-        return commit.txn if commit is not None else None
+        return commit.client_txn if commit is not None else None
 
     def new_oid(self):
         """A fresh oid from the RAID's own counter.
@@ -543,7 +543,7 @@ class RAIDStorage:
     def tpc_begin(self, transaction, tid=None, status=' '):
         self._check_writable()
         commit = self._commit
-        if commit is not None and commit.txn is transaction:
+        if commit is not None and commit.client_txn is transaction:
             raise StorageTransactionError(
                 'Duplicate tpc_begin calls for same transaction')
         self._commit_lock.acquire()
@@ -589,7 +589,7 @@ class RAIDStorage:
 
     def _current(self, transaction, what):
         commit = self._commit
-        if commit is None or commit.txn is not transaction:
+        if commit is None or commit.client_txn is not transaction:
             raise StorageTransactionError(
                 '%s called with wrong transaction' % what)
         return commit
@@ -669,7 +669,7 @@ class RAIDStorage:
 
     def tpc_abort(self, transaction):
         commit = self._commit
-        if commit is None or commit.txn is not transaction:
+        if commit is None or commit.client_txn is not transaction:
             return
         try:
             commit.abort()
@@ -1060,7 +1060,7 @@ class RAIDStorage:
         commit = self._commit
         if commit is not None:
             try:
-                self.tpc_abort(commit.txn)
+                self.tpc_abort(commit.client_txn)
             except Exception:
                 logger.exception('raid=%s aborting on close', self._name)
         self._closed = True

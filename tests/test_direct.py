@@ -1,0 +1,229 @@
+"""The direct commit path into ZEO backends (zeoraid.direct).
+
+Real runzeo backend processes; the RAIDStorage runs in-process. What is
+checked: ZEO backends commit without their commit worker (the point of
+the direct path), a transaction's records reach the client cache of one
+backend only, large transactions are streamed before the vote, client-
+side conflict resolution on the backends still works, and a transaction
+record from an iterator can be committed (restore/copy).
+"""
+import shutil
+import tempfile
+import threading
+import unittest
+
+import transaction
+import ZODB
+import ZODB.MappingStorage
+from BTrees.Length import Length
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import p64
+from ZODB.utils import z64
+
+from tests.invariants import assert_replicas_identical
+from tests.zeo_backends import start_backends
+from tests.zeo_backends import stop_all
+
+from zeoraid import direct
+from zeoraid.storage import RAIDStorage
+
+
+class DirectPathTests(unittest.TestCase):
+
+    backend_count = 2
+    zeo_options = ''
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='zeoraid-direct-')
+        self.servers = start_backends(self.tmp, self.backend_count,
+                                      zeo_options=self.zeo_options)
+        self.raid = RAIDStorage(
+            'raid', [('b%d' % (i + 1), server.opener(wait_timeout=10))
+                     for i, server in enumerate(self.servers)],
+            timeout=10)
+
+    def tearDown(self):
+        try:
+            self.raid.close()
+        finally:
+            stop_all(self.servers)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self, records, txn=None):
+        """Commit {oid: (serial, data)} through the RAID; return the tid."""
+        txn = txn or TransactionMetaData()
+        self.raid.tpc_begin(txn)
+        for oid, (serial, data) in records.items():
+            self.raid.store(oid, serial, data, '', txn)
+        self.raid.tpc_vote(txn)
+        return self.raid.tpc_finish(txn)
+
+    def count_worker_calls(self):
+        calls = []
+        for backend in self.raid._backends:
+            original = backend.submit
+
+            def counting(fn, *args, _original=original, **kw):
+                calls.append(fn)
+                return _original(fn, *args, **kw)
+            backend.submit = counting
+        return calls
+
+    def test_zeo_backends_commit_without_the_worker(self):
+        for backend in self.raid._backends:
+            self.assertIsInstance(backend.direct, direct.DirectClient)
+        oid = self.raid.new_oid()
+        tid = self.commit({oid: (z64, b'first')})
+        calls = self.count_worker_calls()
+        tid2 = self.commit({oid: (tid, b'second')})
+        self.assertEqual(calls, [])
+        self.assertGreater(tid2, tid)
+        for backend in self.raid._backends:
+            self.assertEqual(backend.storage.load(oid)[0], b'second')
+            self.assertEqual(backend.last_tid, tid2)
+        assert_replicas_identical(self.raid)
+
+    def test_only_the_first_backend_caches_new_records(self):
+        oid = self.raid.new_oid()
+        tid = self.commit({oid: (z64, b'cached')})
+        first, second = [b.storage for b in self.raid._backends]
+        self.assertEqual(first._cache.load(oid), (b'cached', tid))
+        self.assertIsNone(second._cache.load(oid))
+        # The other backend still answers from its server.
+        self.assertEqual(second.load(oid), (b'cached', tid))
+
+    def test_large_transaction_is_sent_before_the_vote(self):
+        txn = TransactionMetaData()
+        self.raid.tpc_begin(txn)
+        size = 64 * 1024
+        count = direct.FLUSH_BYTES // size + 4
+        oids = [self.raid.new_oid() for _ in range(count)]
+        for i, oid in enumerate(oids):
+            self.raid.store(oid, z64, bytes([i % 256]) * size, '', txn)
+        for share in self.raid._commit.shares:
+            # Everything up to the last flush went to the IO thread.
+            self.assertLess(len(share.direct.messages), 6)
+        self.raid.tpc_vote(txn)
+        tid = self.raid.tpc_finish(txn)
+        for backend in self.raid._backends:
+            self.assertEqual(backend.storage.load(oids[-1]),
+                             (bytes([(count - 1) % 256]) * size, tid))
+        assert_replicas_identical(self.raid)
+
+    def test_abort_leaves_the_backends_ready(self):
+        oid = self.raid.new_oid()
+        txn = TransactionMetaData()
+        self.raid.tpc_begin(txn)
+        self.raid.store(oid, z64, b'aborted', '', txn)
+        self.raid.tpc_vote(txn)
+        self.raid.tpc_abort(txn)
+        for backend in self.raid._backends:
+            self.assertTrue(backend.direct.can_begin())
+        tid = self.commit({oid: (z64, b'kept')})
+        for backend in self.raid._backends:
+            self.assertEqual(backend.storage.load(oid), (b'kept', tid))
+
+    def test_copy_transactions_from_an_iterator(self):
+        # Transaction records from an iterator have no data()/set_data().
+        source = ZODB.MappingStorage.MappingStorage()
+        db = ZODB.DB(source)
+        conn = db.open()
+        conn.root()['x'] = 1
+        transaction.commit()
+        conn.root()['x'] = 2
+        transaction.commit()
+        self.raid.copyTransactionsFrom(source)
+        self.assertEqual(self.raid.lastTransaction(),
+                         source.lastTransaction())
+        for backend in self.raid._backends:
+            self.assertEqual(backend.storage.load(z64),
+                             source.load(z64))
+        db.close()
+
+
+class ClientConflictResolutionTests(DirectPathTests):
+    """Backends that hand conflicts back to their client for resolution."""
+
+    zeo_options = 'client-conflict-resolution true'
+
+    def test_conflicts_resolved_by_every_backend_client(self):
+        resolved = []
+        original = direct.resolve_conflicts
+
+        def counting(storage, txn, answer):
+            resolved.append(storage)
+            return original(storage, txn, answer)
+        direct.resolve_conflicts = counting
+        self.addCleanup(setattr, direct, 'resolve_conflicts', original)
+        db = ZODB.DB(self.raid)
+        try:
+            tm = transaction.TransactionManager()
+            conn = db.open(tm)
+            conn.root()['n'] = Length()
+            tm.commit()
+            barrier = threading.Barrier(2, timeout=10)
+            errors = []
+
+            def change(by):
+                tm = transaction.TransactionManager()
+                conn = db.open(tm)
+                try:
+                    conn.root()['n'].change(by)
+                    barrier.wait()   # both read the same revision
+                    tm.commit()
+                except Exception as exc:  # pragma: no cover - reported
+                    errors.append(exc)
+                finally:
+                    conn.close()
+            threads = [threading.Thread(target=change, args=(by,))
+                       for by in (1, 10)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            self.assertEqual(errors, [])
+            conn.sync()
+            self.assertEqual(conn.root()['n'](), 11)
+            # Each backend's server handed the conflict back once.
+            self.assertEqual(len(resolved), 2)
+            self.assertTrue(all(b.optimal for b in self.raid._backends))
+            assert_replicas_identical(self.raid)
+            conn.close()
+        finally:
+            db.close()
+
+
+class MemoryBufferTests(unittest.TestCase):
+
+    def test_records_in_order_with_resolution(self):
+        buf = direct.MemoryBuffer(0)
+        buf.store(p64(1), b'a')
+        buf.store(p64(2), b'b')
+        buf.resolve(p64(1), b'a2')
+        buf.server_resolve(p64(2))
+        buf.server_resolve(p64(3))      # undone: not stored
+        self.assertEqual(list(buf), [(p64(2), b'b', True),
+                                     (p64(1), b'a2', False),
+                                     (p64(3), None, True)])
+
+    def test_without_keep_data_only_oids(self):
+        buf = direct.MemoryBuffer(0, keep_data=False)
+        buf.store(p64(1), b'a')
+        self.assertEqual(list(buf), [(p64(1), None, False)])
+
+    def test_data_beyond_the_cache_limit_is_dropped(self):
+        buf = direct.MemoryBuffer(0)
+        big = b'x' * (direct.CACHE_BYTES // 2 + 1)
+        buf.store(p64(1), big)
+        buf.store(p64(2), big)
+        self.assertEqual([data is not None for _, data, _ in buf],
+                         [True, False])
+
+
+def test_suite():
+    loader = unittest.defaultTestLoader
+    return unittest.TestSuite([
+        loader.loadTestsFromTestCase(DirectPathTests),
+        loader.loadTestsFromTestCase(ClientConflictResolutionTests),
+        loader.loadTestsFromTestCase(MemoryBufferTests),
+    ])
