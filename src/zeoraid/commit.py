@@ -269,6 +269,9 @@ class Commit:
         futures = {}
         outcomes = []
         direct = {}
+        replies = direct_client.Replies(
+            sum(1 for share in shares
+                if share.direct is not None and share.error is None))
         for share in shares:
             if share.direct is None:
                 try:
@@ -277,13 +280,17 @@ class Commit:
                 except Exception as exc:
                     self._degrade(share.backend, fanout.describe(exc))
                 continue
+            if share.error is not None:
+                outcomes.append(fanout.Outcome(share.backend,
+                                               error=share.error))
+                continue
+            reply = replies.slot()
             try:
-                if share.error is not None:
-                    raise share.error
-                futures[share.backend] = share.direct.send_vote()
-                direct[share.backend] = share
+                share.direct.send_vote(reply)
             except Exception as exc:
-                outcomes.append(fanout.Outcome(share.backend, error=exc))
+                reply.set(error=exc)
+            futures[share.backend] = reply
+            direct[share.backend] = share
         resolving = {}
         for outcome in fanout.gather(futures, timeout):
             share = direct.get(outcome.backend)
@@ -395,7 +402,10 @@ class Commit:
         """
         futures = {}
         direct_finishes = {}
-        for share in self.active():
+        active = self.active()
+        replies = direct_client.Replies(
+            sum(1 for share in active if share.direct is not None))
+        for share in active:
             share.finished = True
             try:
                 if share.direct is None:
@@ -403,7 +413,13 @@ class Commit:
                         lambda storage: storage.tpc_finish(self.txn,
                                                            lambda tid: None))
                 else:
-                    futures[share.backend] = share.direct.send_finish()
+                    reply = replies.slot()
+                    try:
+                        share.direct.send_finish(reply)
+                    except BaseException:
+                        reply.set(error=None)   # nothing to wait for
+                        raise
+                    futures[share.backend] = reply
                     direct_finishes[share.backend] = share.direct
             except Exception as exc:
                 share.finished = False

@@ -25,11 +25,17 @@ This leans on ClientStorage internals that are the same in ZEO 5 and 6;
 a ZEO without them) keeps using the commit worker.
 """
 import logging
+import threading
 
 import ZEO.ClientStorage
 import ZEO.TransactionBuffer
 import ZODB.POSException
 from ZEO.Exceptions import ClientDisconnected
+
+try:
+    from ZEO.asyncio.futures import AsyncTask
+except ImportError:  # pragma: no cover - ZEO < 5.4: the worker is used
+    AsyncTask = None
 
 logger = logging.getLogger('zeoraid')
 
@@ -41,7 +47,7 @@ FLUSH_BYTES = 1 << 20
 #: per transaction; beyond it the cache is only invalidated.
 CACHE_BYTES = 16 << 20
 
-_RUNNER_API = ('io_call', 'client', 'loop')
+_RUNNER_API = ('client', 'loop')
 _CLIENT_API = ('tpc_finish_co', 'call_async', 'operational')
 _STORAGE_API = ('_check_trans', 'tpc_end', '_commit_lock',
                 '_update_blob_cache', '_iterator_gc', '_cache',
@@ -105,7 +111,8 @@ class DirectClient:
     @classmethod
     def for_storage(cls, storage):
         """A DirectClient if `storage` is a ClientStorage we understand."""
-        if not isinstance(storage, ZEO.ClientStorage.ClientStorage):
+        if (AsyncTask is None
+                or not isinstance(storage, ZEO.ClientStorage.ClientStorage)):
             return None
         runner = getattr(storage, '_server', None)
         client = getattr(runner, 'client', None)
@@ -230,8 +237,8 @@ class DirectTransaction:
 
     # -- vote --------------------------------------------------------------
 
-    def send_vote(self):
-        """Send what is queued and the vote; returns the answer's future."""
+    def send_vote(self, reply):
+        """Send what is queued and the vote; the answer goes to `reply`."""
         self._check('tpc_vote')
         messages = self._take_messages()
         client = self.client.runner.client
@@ -242,7 +249,19 @@ class DirectTransaction:
                 raise ClientDisconnected('backend connection lost')
             _send(client, messages)
             return await client.protocol.call_sync('vote', (txn_id,))
-        return self.client.runner.io_call(vote(), wait=False)
+        self._run(vote(), reply)
+
+    def _run(self, coroutine, reply):
+        """Run the coroutine in the IO thread; its result goes to reply."""
+        def start():
+            try:
+                task = AsyncTask(coroutine, loop)
+            except BaseException as exc:
+                reply.set(error=exc)
+            else:
+                task.add_done_callback(reply.set_from)
+        loop = self.client.runner.loop
+        loop.call_soon_threadsafe(start)
 
     @staticmethod
     def needs_resolution(answer):
@@ -269,8 +288,8 @@ class DirectTransaction:
 
     # -- finish ------------------------------------------------------------
 
-    def send_finish(self):
-        """Send tpc_finish; returns the future of the committed tid.
+    def send_finish(self, reply):
+        """Send tpc_finish; the committed tid goes to `reply`.
 
         The client's transaction ends (its commit lock is released) in the
         IO thread when the answer or a connection error comes, whether or
@@ -286,7 +305,7 @@ class DirectTransaction:
                 return await client.tpc_finish_co(id(txn), tbuf, _ignore)
             finally:
                 storage.tpc_end(txn)
-        return self.client.runner.io_call(finish(), wait=False)
+        self._run(finish(), reply)
 
     def complete_finish(self, tid):
         """Move the transaction's blobs into the client's blob cache."""
@@ -299,6 +318,70 @@ class DirectTransaction:
             # missed the files (they are downloaded again when needed).
             logger.warning('could not move committed blobs into the blob '
                            'cache of %s: %r', storage.getName(), exc)
+
+
+class Replies:
+    """The answers of several backends to one request, awaited together.
+
+    Each backend's IO thread fills in its Reply; the waiting thread is
+    woken once, when the last answer is in (a future per backend would
+    wake it once per backend). `count` is the number of replies to come.
+    """
+
+    def __init__(self, count):
+        self._lock = threading.Lock()
+        self._pending = count
+        self.all_in = threading.Event()
+        if count <= 0:
+            self.all_in.set()
+
+    def slot(self):
+        return Reply(self)
+
+    def _arrived(self):
+        with self._lock:
+            self._pending -= 1
+            if self._pending <= 0:
+                self.all_in.set()
+
+
+class Reply:
+    """One backend's answer; looks like a future to fanout.gather."""
+
+    __slots__ = ('_replies', '_done', '_value', '_error')
+
+    def __init__(self, replies):
+        self._replies = replies
+        self._done = False
+        self._value = self._error = None
+
+    def set(self, value=None, error=None):
+        if self._done:
+            return
+        self._value, self._error = value, error
+        self._done = True
+        self._replies._arrived()
+
+    def set_from(self, task):
+        """Done-callback of a ZEO task (runs in the IO thread)."""
+        try:
+            value = task.result()
+        except BaseException as exc:
+            self.set(error=exc)
+        else:
+            self.set(value)
+
+    def done(self):
+        return self._done
+
+    def result(self, timeout=None):
+        if not self._done:
+            self._replies.all_in.wait(timeout)
+        if not self._done:
+            raise TimeoutError('no answer yet')
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 QUEUED_CALLS = frozenset(['store', 'restore', 'deleteObject', 'storeBlob',
