@@ -31,6 +31,7 @@ from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
+from zeoraid import direct as direct_client
 from zeoraid.backend import authoritative_last_tid
 from zeoraid.backend import close_iterator
 from zeoraid.backend import has_transaction
@@ -506,6 +507,21 @@ class Recovery:
             blobs[record.oid] = copy
         return blobs
 
+    def _vote_and_finish(self, writer):
+        """Vote and finish a direct transaction (in the target's worker)."""
+        reply = direct_client.Replies(1).slot()
+        writer.send_vote(reply)
+        answer = reply.result(self.timeout)
+        if writer.needs_resolution(answer):
+            raise RecoveryError('target %s reported a conflict while '
+                                'restoring' % self.target.name)
+        writer.complete_vote(answer)
+        reply = direct_client.Replies(1).slot()
+        writer.send_finish(reply)
+        tid = reply.result(self.timeout)
+        writer.complete_finish(tid)
+        return tid
+
     def _copy_one(self, txn):
         """Commit one source transaction on the target with its own tid.
 
@@ -530,7 +546,15 @@ class Recovery:
                 else:
                     blob_at[where[-2]] = oid
                     skip.add(where[-1])
-            storage.tpc_begin(txn, txn.tid, txn.status)
+            direct = self.target.direct
+            if direct is not None and direct.storage is storage:
+                # Records go in one batch with the vote, and the target's
+                # client cache is not filled with history.
+                writer = direct.begin(txn, txn.tid, txn.status,
+                                      cache_data=False)
+            else:
+                writer = storage
+                storage.tpc_begin(txn, txn.tid, txn.status)
             try:
                 for i, record in enumerate(txn):
                     if i in skip:
@@ -538,8 +562,8 @@ class Recovery:
                     blob = txn.blobs.get(record.oid) if i in blob_at \
                         else None
                     if blob is None:
-                        storage.restore(record.oid, record.tid, record.data,
-                                        '', record.data_txn, txn)
+                        writer.restore(record.oid, record.tid, record.data,
+                                       '', record.data_txn, txn)
                     elif restore_blob is not None:
                         restore_blob(record.oid, record.tid, record.data,
                                      blob, record.data_txn, txn)
@@ -552,10 +576,13 @@ class Recovery:
                                 storage, record.oid)[1]
                         except ZODB.POSException.POSKeyError:
                             serial = z64
-                        storage.storeBlob(record.oid, serial, record.data,
-                                          blob, '', txn)
-                storage.tpc_vote(txn)
-                tid = storage.tpc_finish(txn)
+                        writer.storeBlob(record.oid, serial, record.data,
+                                         blob, '', txn)
+                if writer is storage:
+                    storage.tpc_vote(txn)
+                    tid = storage.tpc_finish(txn)
+                else:
+                    tid = self._vote_and_finish(writer)
             except BaseException:
                 storage.tpc_abort(txn)
                 raise
