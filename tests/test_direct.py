@@ -141,6 +141,41 @@ class DirectPathTests(unittest.TestCase):
         db.close()
 
 
+    def test_batch_iterator_reads_what_the_iterator_reads(self):
+        oids = [self.raid.new_oid() for _ in range(3)]
+        serials = dict.fromkeys(oids, z64)
+        for i in range(7):
+            records = {oid: (serials[oid], b'%d-%d' % (i, n) * (i + 1))
+                       for n, oid in enumerate(oids[:1 + i % 3])}
+            tid = self.commit(records)
+            for oid in records:
+                serials[oid] = tid
+        storage = self.raid._backends[0].storage
+        expected = [(t.tid, t.status, t.user, t.description, t.extension,
+                     [(r.oid, r.tid, r.data, r.data_txn) for r in t])
+                    for t in storage.iterator()]
+        start = expected[1][0]
+        reader = self.raid._backends[0].direct.iterate(start)
+        got = []
+        batches = 0
+        while True:
+            batch = reader.next_batch(2, 10)
+            if not batch:
+                break
+            batches += 1
+            self.assertLessEqual(len(batch), 2)
+            got.extend((t.tid, t.status, t.user, t.description, t.extension,
+                        [(r.oid, r.tid, r.data, r.data_txn) for r in t])
+                       for t in batch)
+        self.assertEqual(got, expected[1:])
+        self.assertEqual(batches, (len(expected) - 1 + 1) // 2)
+        # A byte limit ends a batch early; closing mid-way is clean.
+        reader = self.raid._backends[0].direct.iterate(start)
+        self.assertEqual(len(reader.next_batch(10, 10, max_bytes=1)), 1)
+        reader.close()
+        self.assertEqual(reader.next_batch(10, 10), [])
+
+
 class ClientConflictResolutionTests(DirectPathTests):
     """Backends that hand conflicts back to their client for resolution."""
 

@@ -32,6 +32,8 @@ import ZEO.TransactionBuffer
 import ZODB.POSException
 from ZEO.Exceptions import ClientDisconnected
 
+from zeoraid.errors import BackendTimeout
+
 try:
     from ZEO.asyncio.futures import AsyncTask
 except ImportError:  # pragma: no cover - ZEO < 5.4: the worker is used
@@ -42,6 +44,9 @@ logger = logging.getLogger('zeoraid')
 #: Messages are handed to the IO thread early once they hold this much
 #: data, so a large transaction streams to the backend while it is built.
 FLUSH_BYTES = 1 << 20
+
+#: A BatchIterator batch stops once it holds this much record data.
+BATCH_BYTES = 4 << 20
 
 #: Records are kept for the backend's client cache up to this much data
 #: per transaction; beyond it the cache is only invalidated.
@@ -139,6 +144,10 @@ class DirectClient:
         the IO thread time at finish; the RAID does it for one backend.
         """
         return DirectTransaction(self, txn, tid, status, cache_data)
+
+    def iterate(self, start, stop=None):
+        """A BatchIterator over the server's transactions from start."""
+        return BatchIterator(self, start, stop)
 
     def length(self):
         return len(self.storage)
@@ -252,16 +261,7 @@ class DirectTransaction:
         self._run(vote(), reply)
 
     def _run(self, coroutine, reply):
-        """Run the coroutine in the IO thread; its result goes to reply."""
-        def start():
-            try:
-                task = AsyncTask(coroutine, loop)
-            except BaseException as exc:
-                reply.set(error=exc)
-            else:
-                task.add_done_callback(reply.set_from)
-        loop = self.client.runner.loop
-        loop.call_soon_threadsafe(start)
+        _run_in(self.client.runner.loop, coroutine, reply)
 
     @staticmethod
     def needs_resolution(answer):
@@ -318,6 +318,106 @@ class DirectTransaction:
             # missed the files (they are downloaded again when needed).
             logger.warning('could not move committed blobs into the blob '
                            'cache of %s: %r', storage.getName(), exc)
+
+
+class BatchIterator:
+    """Reads a ZEO server's transactions several at a time.
+
+    ClientStorage's iterator asks the server for every transaction and
+    every record separately, each from the calling thread through the IO
+    thread and back (6 hand-offs for a 3-record transaction). Here one
+    coroutine in the IO thread makes the same calls (iterator_next,
+    iterator_record_start, iterator_record_next: ZEO's own protocol, no
+    server extension) for a whole batch, and the caller is woken once.
+    """
+
+    def __init__(self, client, start, stop=None):
+        self.client = client
+        self.start = start
+        self.stop = stop
+        self.iid = None
+        self.exhausted = False
+
+    def next_batch(self, count, timeout, max_bytes=BATCH_BYTES):
+        """Up to `count` transactions (ReadTransaction); [] at the end.
+
+        A batch ends early once it holds max_bytes of record data. Raises
+        BackendTimeout if the server does not answer within `timeout`.
+        """
+        if self.exhausted:
+            return []
+        runner = self.client.runner
+        client = runner.client
+
+        async def read():
+            if not client.operational:
+                raise ClientDisconnected('backend connection lost')
+            call = client.protocol.call_sync
+            if self.iid is None:
+                self.iid = await call('iterator_start',
+                                      (self.start, self.stop))
+            batch = []
+            nbytes = 0
+            while len(batch) < count and nbytes < max_bytes:
+                item = await call('iterator_next', (self.iid,))
+                if item is None:
+                    self.exhausted = True
+                    break
+                record_iid = await call('iterator_record_start',
+                                        (self.iid, item[0]))
+                records = []
+                while True:
+                    record = await call('iterator_record_next',
+                                        (record_iid,))
+                    if record is None:
+                        break
+                    records.append(ReadRecord(*record))
+                    nbytes += len(record[2] or b'')
+                batch.append(ReadTransaction(item, records))
+            return batch
+        reply = Replies(1).slot()
+        _run_in(runner.loop, read(), reply)
+        try:
+            return reply.result(timeout)
+        except TimeoutError:
+            raise BackendTimeout('%s: no answer within %gs while reading '
+                                 'transactions' % (self.client.storage
+                                                   .getName(), timeout))
+
+    def close(self):
+        """Free the server's iterator (if it is not at its end)."""
+        if self.iid is None or self.exhausted:
+            return
+        self.exhausted = True
+        try:
+            self.client.runner.loop.call_soon_threadsafe(
+                _send, self.client.runner.client,
+                [('iterator_gc', ([self.iid],))])
+        except Exception:
+            pass    # closed connection: the server forgot it already
+
+
+class ReadTransaction:
+    """A transaction as BatchIterator read it: tid, status, user,
+    description, extension (as ZEO sends it) and its records."""
+
+    def __init__(self, item, records):
+        (self.tid, self.status, self.user, self.description,
+         self.extension) = item
+        self.records = records
+
+    def __iter__(self):
+        return iter(self.records)
+
+
+class ReadRecord:
+    __slots__ = ('oid', 'tid', 'data', 'data_txn')
+
+    def __init__(self, oid, tid, data, data_txn):
+        self.oid = oid
+        self.tid = tid
+        self.data = data
+        self.data_txn = data_txn
 
 
 class Replies:
@@ -386,6 +486,18 @@ class Reply:
 
 QUEUED_CALLS = frozenset(['store', 'restore', 'deleteObject', 'storeBlob',
                           'checkCurrentSerialInTransaction'])
+
+
+def _run_in(loop, coroutine, reply):
+    """Run the coroutine in the IO thread; its result goes to reply."""
+    def start():
+        try:
+            task = AsyncTask(coroutine, loop)
+        except BaseException as exc:
+            reply.set(error=exc)
+        else:
+            task.add_done_callback(reply.set_from)
+    loop.call_soon_threadsafe(start)
 
 
 def _send(client, messages):

@@ -46,6 +46,9 @@ VERIFY_WINDOW_SECONDS = 300
 #: Transactions read ahead of the copier.
 READ_AHEAD = 64
 
+#: Transactions read from a ZEO source per hand-off (direct.BatchIterator).
+READ_BATCH = 32
+
 
 class RecoveryError(RAIDError):
     """Recovery cannot go on (the message says why and what to do)."""
@@ -447,17 +450,43 @@ class Recovery:
             except queue.Empty:
                 pass
 
-    def _read_ahead(self, start, pipe, stop):
-        """Read source transactions into the pipe (runs in its own thread)."""
-        iterator = None
+    def _source_transactions(self, start, stop):
+        """The source's transactions from start, read completely.
+
+        From a ZEO source in batches (direct.BatchIterator: one hand-off
+        per batch), else one transaction per call of its iterator.
+        """
+        direct = self.source.direct
+        if direct is not None:
+            reader = direct.iterate(start)
+            try:
+                while not stop.is_set():
+                    batch = reader.next_batch(READ_BATCH, self.timeout)
+                    if not batch:
+                        return
+                    for info in batch:
+                        yield CopiedTransaction(info)
+            finally:
+                reader.close()
+            return
+        iterator = self.source.call(
+            self.timeout, lambda s: iter(s.iterator(start)))
         try:
-            iterator = self.source.call(
-                self.timeout, lambda s: iter(s.iterator(start)))
             while not stop.is_set():
                 try:
-                    txn = self.source.call(self.timeout, _next_materialized,
+                    yield self.source.call(self.timeout, _next_materialized,
                                            iterator)
                 except StopIteration:
+                    return
+        finally:
+            close_iterator(iterator)
+
+    def _read_ahead(self, start, pipe, stop):
+        """Read source transactions into the pipe (runs in its own thread)."""
+        transactions = self._source_transactions(start, stop)
+        try:
+            for txn in transactions:
+                if stop.is_set():
                     break
                 txn.blobs = self._fetch_blobs(txn)
                 while not stop.is_set():
@@ -472,7 +501,7 @@ class Recovery:
         except Exception as exc:
             item = exc
         finally:
-            close_iterator(iterator)
+            transactions.close()
         while not stop.is_set():
             try:
                 pipe.put(item, timeout=0.2)
