@@ -76,11 +76,21 @@ QUICK = dict(rounds=1, duration=0.3, load_objects=400, load_payload=1000,
 class Topology:
     """A front server (plain ZEO or zeoraid) and its backends."""
 
-    def __init__(self, name, workdir, backends):
+    def __init__(self, name, workdir, backends, proxy=False):
         self.name = name
         self.directory = os.path.join(workdir, name)
         self.backends = []
-        if backends == 0:
+        if proxy:
+            # The one-extra-hop limit: plain ZEO over one ZEO backend.
+            directory = os.path.join(self.directory, 'b1')
+            self.backends.append(common.Server(
+                '%s-b1' % name, directory,
+                common.filestorage_config(directory)))
+            front_dir = os.path.join(self.directory, 'proxy')
+            self.front = common.Server(
+                name, front_dir,
+                common.proxy_config(front_dir, self.backends[0]))
+        elif backends == 0:
             self.front = common.Server(
                 name, self.directory,
                 common.filestorage_config(self.directory))
@@ -120,11 +130,13 @@ def make_topologies(workdir, names):
     for name in names:
         if name == 'zeo':
             topologies.append(Topology(name, workdir, 0))
+        elif name == 'zeoproxy':
+            topologies.append(Topology(name, workdir, 1, proxy=True))
         elif name.startswith('raid') and name[4:].isdigit():
             topologies.append(Topology(name, workdir, int(name[4:])))
         else:
-            raise SystemExit('unknown topology %r (zeo, raid1, raid2, ...)'
-                             % name)
+            raise SystemExit('unknown topology %r (zeo, zeoproxy, raid1, '
+                             'raid2, ...)' % name)
     return topologies
 
 
@@ -349,6 +361,9 @@ def markdown_table(data):
             lines.append('| %s (%s) | >= %.2f | %.3f | %s |' % (
                 c['description'], c['topology'], c['target'], c['value'],
                 'yes' if c['met'] else 'NO'))
+    hop = one_hop_table(data['workloads'])
+    if hop:
+        lines += [''] + hop
     res = data.get('resources')
     if res:
         lines += ['', '| server | RSS after start | RSS at end | CPU ms per '
@@ -371,6 +386,26 @@ def markdown_table(data):
     if rec:
         lines += ['', recovery.markdown_table(rec)]
     return '\n'.join(lines)
+
+
+def one_hop_table(workloads):
+    """Throughput relative to zeoproxy (ZEO over one ZEO: one extra hop)."""
+    rows = []
+    for workload in COMMIT_WORKLOADS:
+        entry = workloads.get(workload, {}).get('topologies', {})
+        proxy = entry.get('zeoproxy', {}).get('throughput')
+        if not proxy:
+            continue
+        ratios = ['%s %.2f' % (name, s['throughput'] / proxy)
+                  for name, s in entry.items()
+                  if name.startswith('raid') and s.get('throughput')]
+        rows.append('| %s | %.2f | %s |' % (
+            workload, entry['zeoproxy'].get('ratio') or 0,
+            ', '.join(ratios)))
+    if not rows:
+        return []
+    return ['| workload | zeoproxy / zeo (the one-hop limit) | zeoraid / '
+            'zeoproxy |', '|---|---:|---|'] + rows
 
 
 def write_chart(data, path):
@@ -464,7 +499,8 @@ def parse_args(argv):
     parser.add_argument('--duration', type=float,
                         help='seconds per run (one workload, topology, '
                              'round)')
-    parser.add_argument('--topologies', default='zeo,raid1,raid2,raid3',
+    parser.add_argument('--topologies',
+                        default='zeo,zeoproxy,raid1,raid2,raid3',
                         help='comma separated (default %(default)s)')
     parser.add_argument('--workloads', default=','.join(WORKLOADS),
                         help='comma separated subset of: %s'

@@ -236,6 +236,26 @@ def filestorage_config(directory, blobs=True):
     return make
 
 
+def proxy_config(directory, backend, blobs=True):
+    """make_config for a plain runzeo serving a <zeoclient> to `backend`:
+    ZEO proxying ZEO, the cost of one extra hop without any RAID."""
+    directory = os.path.abspath(directory)
+
+    def make(port):
+        lines = ['<zeo>', '  address 127.0.0.1:%d' % port, '</zeo>',
+                 '<zeoclient 1>',
+                 '  server 127.0.0.1:%d' % backend.port,
+                 '  storage 1',
+                 '  wait on']
+        if blobs:
+            lines += ['  blob-dir %s' % os.path.join(directory, 'cache'),
+                      '  blob-cache-size 200MB']
+        lines.append('</zeoclient>')
+        return '\n'.join(lines) + '\n' + EVENTLOG % os.path.join(
+            directory, 'server.log')
+    return make
+
+
 def raid_config(directory, backends, blobs=True, extra=''):
     """make_config for a zeoraid server (stock runzeo + %import zeoraid).
 
