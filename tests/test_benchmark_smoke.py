@@ -21,7 +21,7 @@ TIMEOUT = 300
 
 WORKLOADS = ('commit_1obj', 'commit_100obj', 'commit_8clients', 'load_cold',
              'load_warm', 'blob_write', 'blob_read', 'load_cold_readers')
-TOPOLOGIES = ('zeo', 'raid1', 'raid2', 'raid3')
+TOPOLOGIES = ('zeo', 'zeoproxy', 'raid1', 'raid2', 'raid3')
 SCENARIOS = ('naive', 'read, then commit', 'recover', 'recover+live',
              'limited+live')
 
@@ -131,6 +131,9 @@ class BenchmarkSmokeTests(unittest.TestCase):
         for workload in WORKLOADS:
             self.assertIn('| %s | raid3 |' % workload, table)
         self.assertIn('| %s | raid3 |' % WORKLOADS[0], self.output)
+        # Each zeoraid topology against the one-extra-hop limit.
+        self.assertRegex(table, r'\| commit_1obj \| [0-9.]+ \| raid1 '
+                                r'[0-9.]+, raid2 [0-9.]+, raid3 [0-9.]+ \|')
         if _has_matplotlib():
             self.assertTrue(os.path.exists(self.stem + '.png'))
         else:
