@@ -104,7 +104,8 @@ class Topology:
             self.front = common.Server(
                 name, front_dir, common.raid_config(
                     front_dir, [('b%d' % (i + 1), b)
-                                for i, b in enumerate(self.backends)]))
+                                for i, b in enumerate(self.backends)]),
+                module='zeoraid.server')
         self.data_oids = []
         self.blobs = []
 

@@ -45,11 +45,15 @@ def free_port():
 class Server:
     """One runzeo process; `make_config(port)` returns its config text."""
 
-    def __init__(self, name, directory, make_config):
+    def __init__(self, name, directory, make_config, module='ZEO.runzeo'):
+        """module: what runs the server: ZEO.runzeo, or zeoraid.server
+        (the `zeoraid` command: runzeo plus the admin socket and loads
+        answered off the event loop)."""
         self.name = name
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.make_config = make_config
+        self.module = module
         self.port = None
         self.process = None
         self._log = None
@@ -88,7 +92,7 @@ class Server:
                 f.write(self.make_config(self.port))
             self._log = open(self.log_path, 'ab')
             self.process = subprocess.Popen(
-                [sys.executable, '-m', 'ZEO.runzeo', '-C', self.conf_path],
+                [sys.executable, '-m', self.module, '-C', self.conf_path],
                 stdin=subprocess.DEVNULL, stdout=self._log,
                 stderr=subprocess.STDOUT, cwd=self.directory)
             _live.add(self)

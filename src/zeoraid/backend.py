@@ -403,6 +403,14 @@ class Backend:
             elapsed = time.monotonic() - started
             self.read_latency += (elapsed - self.read_latency) * 0.1
 
+    def load_started(self):
+        """A load sent without Backend.call (served.Loads)."""
+        self.reads_in_flight += 1
+
+    def load_done(self, elapsed):
+        self.reads_in_flight -= 1
+        self.read_latency += (elapsed - self.read_latency) * 0.1
+
     def read_cost(self):
         """Expected wait for a read here: latency times queue length."""
         return (self.read_latency + 1e-6) * (1 + self.reads_in_flight)

@@ -149,6 +149,39 @@ class DirectClient:
         """A BatchIterator over the server's transactions from start."""
         return BatchIterator(self, start, stop)
 
+    def cached(self, oid, tid):
+        """loadBefore answered by the client cache alone, or None."""
+        cache = self.storage._cache
+        if cache is None:
+            return None
+        return cache.loadBefore(oid, tid)
+
+    def send_load(self, oid, tid, answer):
+        """loadBefore in the IO thread; answer(result, error) is called
+        there (the client cache is filled as ClientStorage does)."""
+        client = self.runner.client
+
+        async def load():
+            return await client.load_before_co(oid, tid, 0)
+
+        def done(task):
+            try:
+                result = task.result()
+            except BaseException as exc:
+                answer(None, exc)
+            else:
+                answer(result, None)
+
+        def start():
+            try:
+                task = AsyncTask(load(), loop)
+            except BaseException as exc:
+                answer(None, exc)
+            else:
+                task.add_done_callback(done)
+        loop = self.runner.loop
+        loop.call_soon_threadsafe(start)
+
     def length(self):
         return len(self.storage)
 

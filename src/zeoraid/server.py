@@ -31,6 +31,7 @@ import threading
 import ZConfig
 import ZEO.runzeo
 
+from zeoraid import served
 from zeoraid.admin import AdminError
 from zeoraid.admin import AdminServer
 from zeoraid.admin import AdminService
@@ -245,6 +246,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
     admin = None
     metrics = None
     settings = None
+    _loads = None
     _loop = None
     _serving = False
     _stopping = False
@@ -291,6 +293,8 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
 
     def create_server(self):
         super().create_server()
+        # Loads that miss the backend caches go to threads (served.py).
+        self._loads = served.install(self.server)
         self._loop = self.server.acceptor.event_loop
         addr = self.server.acceptor.addr
         if isinstance(addr, tuple):
@@ -360,6 +364,8 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
     def close_server(self):
         if self.server is not None:
             super().close_server()
+            if self._loads is not None:
+                self._loads.close()
         else:
             # stopped while opening: close what was opened
             for name, storage in self.storages.items():

@@ -512,7 +512,41 @@ class RAIDStorage:
 
     def loadBefore(self, oid, tid):
         self._wait_for_finish()
+        cached = self.load_before_cached(oid, tid)
+        if cached is not None:
+            return cached
         return self._read(lambda s: s.loadBefore(oid, tid), spread=True)
+
+    def load_before_cached(self, oid, tid):
+        """loadBefore from a ZEO backend's client cache, or None.
+
+        No thread and no wait: for the ZEO server's event loop, which
+        sends loads that miss elsewhere (served.py). None also while a
+        finish is in progress (readers must not see it half done).
+        """
+        if not self._finish_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._failed or self._closed:
+                return None
+            for backend in self._current_backends():
+                client = backend.direct
+                if client is not None:
+                    result = client.cached(oid, tid)
+                    if result is not None:
+                        return result
+            return None
+        finally:
+            self._finish_lock.release()
+
+    def load_backend(self):
+        """The ZEO backend a load should go to now, or None."""
+        if self._failed or self._closed:
+            return None
+        for backend in self._spread():
+            if backend.direct is not None:
+                return backend
+        return None
 
     def loadSerial(self, oid, serial):
         return self._read(lambda s: s.loadSerial(oid, serial), spread=True)
