@@ -1,10 +1,11 @@
 """Shared parts of the benchmarks: servers, /proc readings, statistics.
 
-Every server is a stock ``python -m ZEO.runzeo -C file.conf`` process on
+Every backend is a stock ``python -m ZEO.runzeo -C file.conf`` process on
 127.0.0.1, started by the benchmark and stopped by it (also on Ctrl-C and
 on exceptions: every started process is registered and killed at exit).
-A zeoraid server is the same stock runzeo with ``%import zeoraid`` and a
-``<raidstorage>`` over ``<zeoclient>`` backends.
+A zeoraid front is ``python -m zeoraid.server -C file.conf`` (the
+``zeoraid`` command) with ``%import zeoraid`` and a ``<raidstorage>`` over
+``<zeoclient>`` backends.
 """
 import atexit
 import logging
