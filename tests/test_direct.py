@@ -14,6 +14,7 @@ import unittest
 
 import transaction
 import ZODB
+import ZODB.interfaces
 import ZODB.MappingStorage
 from BTrees.Length import Length
 from ZODB.Connection import TransactionMetaData
@@ -176,6 +177,35 @@ class DirectPathTests(unittest.TestCase):
         self.assertEqual(reader.next_batch(10, 10), [])
 
 
+class NoBlobDirTests(unittest.TestCase):
+    """A ZEO backend client without a blob dir, on a server with blobs."""
+
+    def test_opens_without_blobs_and_commits(self):
+        tmp = tempfile.mkdtemp(prefix='zeoraid-direct-')
+        servers = start_backends(tmp, 1, blob_dir=True)
+        try:
+            import ZEO.ClientStorage
+            raid = RAIDStorage('raid', [(
+                'b1', lambda: ZEO.ClientStorage.ClientStorage(
+                    servers[0].addr, wait=True, wait_timeout=10))],
+                timeout=10)
+            try:
+                self.assertFalse(
+                    ZODB.interfaces.IBlobStorage.providedBy(raid))
+                txn = TransactionMetaData()
+                raid.tpc_begin(txn)
+                oid = raid.new_oid()
+                raid.store(oid, z64, b'no blobs here', '', txn)
+                raid.tpc_vote(txn)
+                tid = raid.tpc_finish(txn)
+                self.assertEqual(raid.load(oid), (b'no blobs here', tid))
+            finally:
+                raid.close()
+        finally:
+            stop_all(servers)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 class ClientConflictResolutionTests(DirectPathTests):
     """Backends that hand conflicts back to their client for resolution."""
 
@@ -261,4 +291,5 @@ def test_suite():
         loader.loadTestsFromTestCase(DirectPathTests),
         loader.loadTestsFromTestCase(ClientConflictResolutionTests),
         loader.loadTestsFromTestCase(MemoryBufferTests),
+        loader.loadTestsFromTestCase(NoBlobDirTests),
     ])

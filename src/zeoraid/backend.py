@@ -332,7 +332,14 @@ class Backend:
 
     @property
     def supports_blobs(self):
-        return self.provides(ZODB.interfaces.IBlobStorage)
+        """IBlobStorage, and for a ZEO client also a blob dir of its own:
+        a ClientStorage without one claims its server's blob support but
+        has nowhere to put a blob."""
+        if not self.provides(ZODB.interfaces.IBlobStorage):
+            return False
+        if is_client_storage(self.storage):
+            return getattr(self.storage, 'fshelper', None) is not None
+        return True
 
     # -- state -------------------------------------------------------------
 
