@@ -18,16 +18,20 @@ both are loaded, as ZEO's own test_suite() does.  What cannot apply is
 listed in doc/CONFORMANCE.md.
 """
 import logging
+import multiprocessing
 import os
 import sys
 import unittest
 
+import ZEO.StorageServer
 import ZEO.tests.testZEO as testZEO
 import ZODB.tests.util
 
 from tests import zeo_backends
 from tests.test_conformance import TIMEOUT
 from tests.test_conformance import CheckedRAIDStorage
+
+from zeoraid import served
 
 
 # ZEO's forker logs why a front server failed to start ("In server
@@ -36,6 +40,13 @@ from tests.test_conformance import CheckedRAIDStorage
 _forker_errors = logging.StreamHandler(sys.stderr)
 _forker_errors.setLevel(logging.ERROR)
 logging.getLogger('ZEO.tests.forker').addHandler(_forker_errors)
+
+
+def _raid_client_handler(server):
+    """StorageServer.create_client_handler as zeoraid.served installs it."""
+    if getattr(server, 'raid_loads', None) is None:
+        server.raid_loads = served.Loads()
+    return served.RAIDZEOStorage(server, server.read_only)
 
 
 class ServedRAID:
@@ -75,6 +86,15 @@ class ServedRAID:
         return '\n'.join(lines) + '\n'
 
     def setUp(self):
+        # Serve the RAID the way the zeoraid server does: loads that miss
+        # the backend caches answered off the event loop (served.py). The
+        # forker forks the server process, which inherits this.
+        self.assertEqual(multiprocessing.get_start_method(), 'fork')
+        original = ZEO.StorageServer.StorageServer.create_client_handler
+        ZEO.StorageServer.StorageServer.create_client_handler = \
+            _raid_client_handler
+        self.addCleanup(setattr, ZEO.StorageServer.StorageServer,
+                        'create_client_handler', original)
         try:
             testZEO.GenericTestBase.setUp(self)
         except BaseException:
