@@ -177,6 +177,35 @@ class DirectPathTests(unittest.TestCase):
         self.assertEqual(reader.next_batch(10, 10), [])
 
 
+class RepliesTests(unittest.TestCase):
+
+    def test_waiter_wakes_when_the_last_reply_is_in(self):
+        replies = direct.Replies(3)
+        slots = [replies.slot() for _ in range(3)]
+        slots[0].set('a')
+        slots[2].set(error=KeyError('x'))
+        self.assertFalse(replies.wait(0.01))
+        self.assertRaises(TimeoutError, slots[1].result, 0.01)
+        threading.Timer(0.05, slots[1].set, args=('b',)).start()
+        self.assertEqual(slots[1].result(5), 'b')
+        self.assertEqual(slots[0].result(0), 'a')
+        self.assertRaises(KeyError, slots[2].result, 0)
+        self.assertTrue(replies.wait(0))
+
+    def test_a_reply_counts_once(self):
+        replies = direct.Replies(2)
+        first, second = replies.slot(), replies.slot()
+        first.set(1)
+        first.set(2)            # ignored: already answered
+        self.assertFalse(replies.wait(0.01))
+        second.set(3)
+        self.assertTrue(replies.wait(0))
+        self.assertEqual((first.result(0), second.result(0)), (1, 3))
+
+    def test_nothing_to_wait_for(self):
+        self.assertTrue(direct.Replies(0).wait(0))
+
+
 class NoBlobDirTests(unittest.TestCase):
     """A ZEO backend client without a blob dir, on a server with blobs."""
 
@@ -292,4 +321,5 @@ def test_suite():
         loader.loadTestsFromTestCase(ClientConflictResolutionTests),
         loader.loadTestsFromTestCase(MemoryBufferTests),
         loader.loadTestsFromTestCase(NoBlobDirTests),
+        loader.loadTestsFromTestCase(RepliesTests),
     ])

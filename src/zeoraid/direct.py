@@ -24,6 +24,7 @@ This leans on ClientStorage internals that are the same in ZEO 5 and 6;
 `DirectClient.for_storage` checks they are there. Any other storage (and
 a ZEO without them) keeps using the commit worker.
 """
+import itertools
 import logging
 import threading
 
@@ -459,23 +460,32 @@ class Replies:
     Each backend's IO thread fills in its Reply; the waiting thread is
     woken once, when the last answer is in (a future per backend would
     wake it once per backend). `count` is the number of replies to come.
+    A held lock is the cheapest thing to wait on: the last answer
+    releases it.
     """
 
     def __init__(self, count):
-        self._lock = threading.Lock()
-        self._pending = count
-        self.all_in = threading.Event()
-        if count <= 0:
-            self.all_in.set()
+        self._all_in = threading.Lock()
+        self._arrivals = itertools.count(1)
+        self._count = count
+        if count > 0:
+            self._all_in.acquire()
 
     def slot(self):
         return Reply(self)
 
     def _arrived(self):
-        with self._lock:
-            self._pending -= 1
-            if self._pending <= 0:
-                self.all_in.set()
+        # next() on itertools.count is atomic: exactly one arrival is last.
+        if next(self._arrivals) == self._count:
+            self._all_in.release()
+
+    def wait(self, timeout):
+        """True once every reply is in (False at the timeout)."""
+        if self._all_in.acquire(
+                timeout=-1 if timeout is None else max(timeout, 0)):
+            self._all_in.release()
+            return True
+        return False
 
 
 class Reply:
@@ -509,7 +519,7 @@ class Reply:
 
     def result(self, timeout=None):
         if not self._done:
-            self._replies.all_in.wait(timeout)
+            self._replies.wait(timeout)
         if not self._done:
             raise TimeoutError('no answer yet')
         if self._error is not None:
