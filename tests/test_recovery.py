@@ -44,6 +44,7 @@ from tests.invariants import assert_replicas_identical
 from tests.invariants import committed_tids
 from tests.polling import poll
 
+from zeoraid import recovery as recovery_module
 from zeoraid.errors import RAIDError
 from zeoraid.recovery import CopiedTransaction
 from zeoraid.recovery import RateLimiter
@@ -456,6 +457,99 @@ class RateLimiterTests(unittest.TestCase):
         self.assertEqual((limiter.used_txns, limiter.used_bytes), (0, 0))
 
 
+class BackPressureTests(unittest.TestCase):
+    """recovery.BackPressure with an injected clock."""
+
+    def setUp(self):
+        self.now = [100.0]
+        self.pressure = recovery_module.BackPressure(
+            clock=lambda: self.now[0])
+
+    def advance(self, seconds):
+        self.now[0] += seconds
+
+    def test_not_due_while_the_backlog_shrinks(self):
+        p = self.pressure
+        self.assertFalse(p.due(1000))          # starts the window
+        self.advance(recovery_module.PRESSURE_WINDOW - 0.1)
+        self.assertFalse(p.due(990))           # window not over
+        self.advance(0.2)
+        self.assertFalse(p.due(800))           # shrank by 20%
+        self.advance(recovery_module.PRESSURE_WINDOW)
+        self.assertFalse(p.due(700))           # shrank by 12.5%
+        self.assertFalse(p.engaged)
+
+    def test_engages_when_the_backlog_does_not_shrink(self):
+        p = self.pressure
+        window = recovery_module.PRESSURE_WINDOW
+        hold = recovery_module.PRESSURE_HOLD
+        self.assertFalse(p.due(1000))
+        self.advance(window)
+        self.assertTrue(p.due(950))            # shrank by 5% only
+        self.assertTrue(p.engaged)
+        self.assertEqual(p.free_ratio, 1.0)
+        # A spell ends after PRESSURE_CHUNK transactions or PRESSURE_HOLD s.
+        started = self.now[0]
+        self.assertFalse(p.spell_over(started, 10))
+        self.assertTrue(p.spell_over(started,
+                                     recovery_module.PRESSURE_CHUNK))
+        self.advance(hold * 1.01)
+        self.assertTrue(p.spell_over(started, 10))
+        # Then the lock stays free as long as it was held.
+        p.released(started)
+        self.assertEqual(p.spells, 1)
+        self.assertFalse(p.due(940))
+        self.advance(hold * 0.9)
+        self.assertFalse(p.due(940))
+        self.advance(hold * 0.2)
+        self.assertTrue(p.due(940))            # engaged: no new window
+
+    def test_free_time_halves_while_the_backlog_does_not_shrink(self):
+        p = self.pressure
+        window = recovery_module.PRESSURE_WINDOW
+        p.due(1000)
+        self.advance(window)
+        p.due(1000)
+        ratios = []
+        for _ in range(5):
+            self.advance(window)
+            p.due(1000)
+            ratios.append(p.free_ratio)
+        self.assertEqual(ratios, [0.5, 0.25, 0.125, 0.0625, 0.03125])
+        # Shrinking again leaves the ratio where it is.
+        self.advance(window)
+        p.due(500)
+        self.assertEqual(p.free_ratio, 0.03125)
+        self.advance(window)
+        p.due(500)
+        self.assertEqual(p.free_ratio, recovery_module.PRESSURE_MIN_FREE)
+        started = self.now[0]
+        self.advance(0.1)
+        p.released(started)
+        self.assertFalse(p.due(500))
+        self.advance(0.1 * recovery_module.PRESSURE_MIN_FREE + 0.001)
+        self.assertTrue(p.due(500))
+
+    def test_never_for_a_small_backlog(self):
+        p = self.pressure
+        small = recovery_module.FINAL_CATCHUP
+        self.assertFalse(p.due(small))
+        self.advance(recovery_module.PRESSURE_WINDOW * 2)
+        self.assertFalse(p.due(small))
+        self.assertFalse(p.engaged)
+
+
+class SlowVoteFileStorage(FileStorage):
+    """A FileStorage whose votes take `delay` seconds (a slow target)."""
+
+    delay = 0.0
+
+    def tpc_vote(self, transaction):
+        if self.delay:
+            time.sleep(self.delay)
+        return FileStorage.tpc_vote(self, transaction)
+
+
 class CompareTests(unittest.TestCase):
     """compare_transactions: what verify calls a difference."""
 
@@ -622,6 +716,75 @@ class RecoveryTests(RecoveryTestBase):
         assert_replicas_identical(raid)
         self.assertEqual(b2.lastTransaction(), raid.lastTransaction())
         backlog.close()
+
+    def test_back_pressure_when_the_target_is_slower_than_live_commits(self):
+        """Live commits as fast as they go, a target slower than them:
+        without back-pressure the copy never catches up."""
+        self.patch(recovery_module, 'PRESSURE_WINDOW', 0.5)
+        self.blobs = False
+        slow = []
+
+        def open_slow():
+            storage = SlowVoteFileStorage(self.path('b2.fs'))
+            slow.append(storage)
+            return storage
+        raid = RAIDStorage('r', [('b1', self.opener('b1')),
+                                 ('b2', open_slow)], timeout=TIMEOUT)
+        self.raids.append(raid)
+        db = self.open_db(raid)
+        raid.raid_disable('b2')
+        for storage in slow:
+            storage.delay = 0.005     # the copy: < 200 txn/s
+        live_rate = 300.0             # live commits/s: more than that
+        stop = threading.Event()
+        live = []
+        errors = []
+
+        def writer():
+            conn = db.open()
+            try:
+                root = conn.root()
+                begin = time.monotonic()
+                deadline = begin + RECOVERY_LIMIT
+                while not stop.is_set() and time.monotonic() < deadline:
+                    root['n'] = len(live)
+                    transaction.commit()
+                    live.append(raid.lastTransaction())
+                    time.sleep(max(0.0, begin + len(live) / live_rate
+                                   - time.monotonic()))
+            except Exception as exc:  # pragma: no cover - reported
+                errors.append(exc)
+            finally:
+                transaction.abort()
+                conn.close()
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            self.assertTrue(wait_until(lambda: len(live) >= 300, 20))
+            started = time.monotonic()
+            before = len(live)
+            raid.raid_recover('b2')
+            recovery = wait_recovery(self, raid, 45)
+            elapsed = time.monotonic() - started
+            during = len(live) - before
+        finally:
+            stop.set()
+            thread.join(RECOVERY_LIMIT)
+        self.assertEqual(errors, [])
+        self.assertIsNone(recovery.progress.error)
+        self.assertGreater(recovery.progress.backpressure_spells, 0)
+        self.assertTrue(self.logged('back-pressure'))
+        # Live commits went on during the recovery.
+        self.assertGreater(during, 0)
+        self.assertGreater(len(live), 300)
+        details = raid.raid_details()
+        self.assertEqual(details['b2']['state'], 'optimal')
+        assert_replicas_identical(raid)
+
+    def patch(self, obj, name, value):
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        self.addCleanup(setattr, obj, name, old)
 
     def test_recover_while_committing(self):
         """Live commits run on; the copy catches up and they reach b2."""
@@ -1302,7 +1465,7 @@ class NaiveCopyTests(RecoveryTestBase):
 def test_suite():
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
-    for case in (RateLimiterTests, CompareTests, RecoveryTests,
+    for case in (RateLimiterTests, BackPressureTests, CompareTests, RecoveryTests,
                  RefusalTests, FailureTests, ThreeBackendFailureTests,
                  DivergenceTests, FullRebuildTests, ConfigTests,
                  NaiveCopyTests):

@@ -10,7 +10,9 @@
 
 The copy is rate-limited (transactions/s and bytes/s), but every live
 commit adds its own transaction and bytes on top of the cap, so the copy
-always outpaces live traffic and the backlog shrinks.
+always outpaces live traffic and the backlog shrinks. When the target
+cannot commit faster than the live load (the cap is not what limits),
+back-pressure makes live commits wait for short spells (BackPressure).
 """
 import logging
 import os
@@ -48,6 +50,18 @@ READ_AHEAD = 64
 
 #: Transactions read from a ZEO source per hand-off (direct.BatchIterator).
 READ_BATCH = 32
+
+#: Back-pressure: seconds over which the backlog must shrink by
+#: PRESSURE_MIN_SHRINK (a fraction), else live commits are made to wait.
+PRESSURE_WINDOW = 5.0
+PRESSURE_MIN_SHRINK = 0.1
+#: Back-pressure spell: at most this many transactions / seconds copied
+#: with the RAID's commit lock held, then as long with it free.
+PRESSURE_CHUNK = 100
+PRESSURE_HOLD = 0.1
+#: Back-pressure: the least free time after a spell, as part of a spell
+#: (live commits keep at least 1/33 of the time).
+PRESSURE_MIN_FREE = 1 / 32
 
 
 class RecoveryError(RAIDError):
@@ -115,6 +129,65 @@ class RateLimiter:
         return True
 
 
+class BackPressure:
+    """Makes live commits wait when the copy cannot outpace them.
+
+    The rate limiter's credit rule lets the copier go as fast as live
+    commits come, but not faster than the target can commit. If the
+    backlog (RAID commits the target lacks) has not shrunk by
+    PRESSURE_MIN_SHRINK over PRESSURE_WINDOW seconds, back-pressure
+    engages until the recovery ends: the copier takes the RAID's commit
+    lock for a spell (at most PRESSURE_CHUNK transactions or
+    PRESSURE_HOLD seconds; live commits wait, the copier runs alone),
+    then leaves it free for as long as it held it. While the backlog
+    still does not shrink, each further window halves the free time,
+    down to PRESSURE_MIN_FREE of a spell. A live commit waits at most one
+    spell.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.engaged = False
+        self.free_ratio = 1.0      # free time after a spell / its length
+        self.spells = 0
+        self._mark = None          # (time, backlog) the window started at
+        self._free_until = 0.0
+
+    def due(self, backlog):
+        """Should the copier take the commit lock for a spell now?"""
+        now = self.clock()
+        if backlog <= FINAL_CATCHUP:
+            return False
+        if self._mark is None:
+            self._mark = (now, backlog)
+        elif now - self._mark[0] >= PRESSURE_WINDOW:
+            since, before = self._mark
+            self._mark = (now, backlog)
+            if before - backlog < PRESSURE_MIN_SHRINK * before:
+                self._tighten(before, backlog, now - since)
+        return self.engaged and now >= self._free_until
+
+    def _tighten(self, before, backlog, seconds):
+        if self.engaged:
+            self.free_ratio = max(self.free_ratio / 2, PRESSURE_MIN_FREE)
+        self.engaged = True
+        logger.warning('recovery: backlog %d -> %d transactions in %.0fs: '
+                       'live commits now wait for short spells '
+                       '(back-pressure, free time %.0f%% of a spell)',
+                       before, backlog, seconds, self.free_ratio * 100)
+
+    def spell_over(self, started, copied):
+        """Has the current spell copied or lasted enough?"""
+        return (copied >= PRESSURE_CHUNK
+                or self.clock() - started >= PRESSURE_HOLD)
+
+    def released(self, started):
+        """A spell that began at `started` ended: leave the lock free."""
+        now = self.clock()
+        self.spells += 1
+        self._free_until = now + (now - started) * self.free_ratio
+
+
 def txn_size(txn):
     return sum(len(r.data or b'') for r in txn)
 
@@ -138,6 +211,7 @@ class Progress:
         self.newest_tid = None
         self.error = None
         self.finished = None
+        self.backpressure_spells = 0
 
     def as_dict(self):
         elapsed = max(time.time() - self.started, 1e-9)
@@ -163,6 +237,7 @@ class Progress:
             'backlog_seconds': (round(behind, 3) if behind is not None
                                 else None),
             'eta_seconds': round(eta, 1) if eta is not None else None,
+            'backpressure_spells': self.backpressure_spells,
             'error': self.error,
         }
 
@@ -187,6 +262,7 @@ class Recovery:
         self.limiter = limiter
         self.verify_all = verify_all
         self.progress = Progress(source.name)
+        self.pressure = BackPressure()
         self.stop_requested = threading.Event()
         self.done = threading.Event()
         self.thread = threading.Thread(
@@ -414,6 +490,7 @@ class Recovery:
             target=self._read_ahead, args=(start, pipe, stop_reader),
             name='zeoraid-recover-read-%s' % self.target.name, daemon=True)
         reader.start()
+        spell = None        # [started, copied] while holding the lock
         try:
             while True:
                 item = pipe.get(timeout=max(self.timeout * 2, 30))
@@ -423,10 +500,17 @@ class Recovery:
                     self._source_failed(item)
                     return start
                 nbytes = txn_size(item)
-                if not final and not self.limiter.acquire(
+                if not final and spell is None:
+                    spell = self._start_spell(start)
+                if not (final or spell) and not self.limiter.acquire(
                         nbytes, self.stop_requested):
                     raise RecoveryError('recovery stopped on request')
                 self._copy_one(item)
+                if spell is not None:
+                    spell[1] += 1
+                    if self.pressure.spell_over(*spell):
+                        self._end_spell(spell)
+                        spell = None
                 self.progress.txns_copied += 1
                 self.progress.bytes_copied += nbytes
                 self.progress.copied_tid = item.tid
@@ -439,6 +523,8 @@ class Recovery:
                 % (self.source.name, max(self.timeout * 2, 30))))
             return start
         finally:
+            if spell is not None:
+                self._end_spell(spell)
             stop_reader.set()
             # Unblock a reader waiting on a full pipe; drop the blob
             # copies of what it had read ahead.
@@ -449,6 +535,22 @@ class Recovery:
                         _remove_blob_copies(item)
             except queue.Empty:
                 pass
+
+    def _start_spell(self, start):
+        """Back-pressure: take the commit lock if it is due (BackPressure).
+
+        Returns [started, copied] if the lock is now held, else None.
+        """
+        if not self.pressure.due(self.raid._commits_since(start)):
+            return None
+        if not self.raid._commit_lock.acquire(timeout=self.timeout):
+            return None
+        return [self.pressure.clock(), 0]
+
+    def _end_spell(self, spell):
+        self.raid._commit_lock.release()
+        self.pressure.released(spell[0])
+        self.progress.backpressure_spells = self.pressure.spells
 
     def _source_transactions(self, start, stop):
         """The source's transactions from start, read completely.
