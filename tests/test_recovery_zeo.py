@@ -39,6 +39,7 @@ from tests.test_recovery import wait_copied
 from tests.test_recovery import wait_recovery
 from tests.test_recovery import wait_until
 
+from zeoraid import recovery as recovery_module
 from zeoraid.errors import RAIDError
 from zeoraid.storage import RAIDStorage
 
@@ -272,6 +273,63 @@ class ServedRecoveryTests(ZEORecoveryTestBase):
         backlog.close()
 
 
+class SaturationTests(ZEORecoveryTestBase):
+    """A client commits without pause for the whole recovery."""
+
+    def test_recovery_ends_under_live_commits_without_pause(self):
+        # Back-pressure (recovery.BackPressure) engages after a window in
+        # which the backlog did not shrink; the source's iterator never
+        # runs dry, so the copy finalizes with a spell's commit lock.
+        self.patch(recovery_module, 'PRESSURE_WINDOW', 1.0)
+        servers = self.start_servers(2)
+        raid = self.open_raid(servers)
+        db = self.open_db(raid)
+        conn = db.open()
+        conn.root()['live'] = PersistentMapping(n=0)
+        transaction.commit()
+        conn.close()
+        raid.raid_disable('b2')
+        live = []
+        errors = []
+
+        def writer():
+            tm = transaction.TransactionManager()
+            conn = db.open(tm)
+            try:
+                obj = conn.root()['live']
+                deadline = time.monotonic() + RECOVERY_LIMIT
+                while not self.stop_writers.is_set() and \
+                        time.monotonic() < deadline:
+                    obj['n'] += 1
+                    tm.commit()
+                    live.append(obj['n'])
+            except Exception as exc:  # pragma: no cover - reported
+                errors.append(exc)
+            finally:
+                conn.close()
+        thread = threading.Thread(target=writer)
+        self.writers.append(thread)
+        thread.start()
+        self.assertTrue(wait_until(lambda: len(live) >= 500, 30))
+        raid.raid_recover('b2')
+        recovery = wait_recovery(self, raid, RECOVERY_LIMIT)
+        self.assertIsNone(recovery.progress.error)
+        during = len(live)
+        self.assertTrue(wait_until(lambda: len(live) >= during + 20, 10))
+        self.stop_writers.set()
+        thread.join(RECOVERY_LIMIT)
+        self.assertEqual(errors, [])
+        self.assertEqual(raid.raid_details()['b2']['state'], 'optimal')
+        self.assertGreater(recovery.progress.backpressure_spells, 0)
+        # The recovered backend took the commits made after it.
+        assert_replicas_identical(raid)
+
+    def patch(self, obj, name, value):
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        self.addCleanup(setattr, obj, name, old)
+
+
 class KillTests(ZEORecoveryTestBase):
     """A backend process is killed (SIGKILL) while the copy runs."""
 
@@ -454,6 +512,7 @@ class RebuildTests(ZEORecoveryTestBase):
 def test_suite():
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
-    for case in (ServedRecoveryTests, KillTests, RebuildTests):
+    for case in (ServedRecoveryTests, SaturationTests, KillTests,
+                 RebuildTests):
         suite.addTest(loader.loadTestsFromTestCase(case))
     return suite

@@ -263,6 +263,7 @@ class Recovery:
         self.verify_all = verify_all
         self.progress = Progress(source.name)
         self.pressure = BackPressure()
+        self._lock_kept = False     # _copy_range returned in a spell
         self.stop_requested = threading.Event()
         self.done = threading.Event()
         self.thread = threading.Thread(
@@ -447,14 +448,27 @@ class Recovery:
                     return
                 continue
             start = self._copy_range(start, final=False)
-            if self._backlog_small(start):
+            if self._lock_kept:
+                # Caught up during a back-pressure spell: finalize with
+                # the commit lock it holds (live commits would otherwise
+                # refill the backlog before the lock is taken again).
+                self._lock_kept = False
+                try:
+                    if self._finalize_held(start):
+                        return
+                finally:
+                    self.raid._commit_lock.release()
+                continue
+            # The source ran dry a moment ago: the live commits since are
+            # few enough for the final catch-up (which takes up to 5x).
+            if self._backlog_small(start, FINAL_CATCHUP * 5):
                 if self._finalize(start):
                     return
 
-    def _backlog_small(self, start):
+    def _backlog_small(self, start, final_catchup=FINAL_CATCHUP):
         newest = self.raid.lastTransaction()
         return start > newest or self.raid._commits_since(start) \
-            <= FINAL_CATCHUP
+            <= final_catchup
 
     def _finalize(self, start):
         """Copy the rest with the commit lock held; make target optimal."""
@@ -462,25 +476,30 @@ class Recovery:
         if not raid._commit_lock.acquire(timeout=self.timeout):
             return False   # busy: go on copying and try again
         try:
-            self.progress.phase = 'finalize'
-            newest = raid.lastTransaction()
-            if newest >= start:
-                if raid._commits_since(start) > FINAL_CATCHUP * 5:
-                    self.progress.phase = 'copy'
-                    return False
-                start = self._copy_range(start, final=True)
-            target_last = self.target.call(self.timeout,
-                                           authoritative_last_tid)
-            if target_last != raid.lastTransaction():
-                raise RecoveryError(
-                    'after the final catch-up backend %s is at %s, RAID at '
-                    '%s' % (self.target.name, target_last.hex(),
-                            raid.lastTransaction().hex()))
-            self.target.last_tid = target_last
-            raid._recovery_finished(self)
-            return True
+            return self._finalize_held(start)
         finally:
             raid._commit_lock.release()
+
+    def _finalize_held(self, start):
+        """_finalize's work; the caller holds the RAID's commit lock."""
+        raid = self.raid
+        self.progress.phase = 'finalize'
+        newest = raid.lastTransaction()
+        if newest >= start:
+            if raid._commits_since(start) > FINAL_CATCHUP * 5:
+                self.progress.phase = 'copy'
+                return False
+            start = self._copy_range(start, final=True)
+        target_last = self.target.call(self.timeout,
+                                       authoritative_last_tid)
+        if target_last != raid.lastTransaction():
+            raise RecoveryError(
+                'after the final catch-up backend %s is at %s, RAID at '
+                '%s' % (self.target.name, target_last.hex(),
+                        raid.lastTransaction().hex()))
+        self.target.last_tid = target_last
+        raid._recovery_finished(self)
+        return True
 
     def _copy_range(self, start, final):
         """Copy transactions >= start with read-ahead; return next start."""
@@ -495,6 +514,8 @@ class Recovery:
             while True:
                 item = pipe.get(timeout=max(self.timeout * 2, 30))
                 if item is None:
+                    if spell is not None:
+                        spell = self._keep_spell()
                     return start
                 if isinstance(item, Exception):
                     self._source_failed(item)
@@ -517,6 +538,12 @@ class Recovery:
                 start = p64(u64(item.tid) + 1)
                 if self.stop_requested.is_set():
                     raise RecoveryError('recovery stopped on request')
+                if not final and self._backlog_small(start):
+                    # Caught up: finalize now. Under steady live commits
+                    # the source's iterator may never run dry.
+                    if spell is not None:
+                        spell = self._keep_spell()
+                    return start
         except queue.Empty:
             self._source_failed(RecoveryError(
                 'source %s gave no transaction for %gs'
@@ -546,6 +573,13 @@ class Recovery:
         if not self.raid._commit_lock.acquire(timeout=self.timeout):
             return None
         return [self.pressure.clock(), 0]
+
+    def _keep_spell(self):
+        """Caught up during a spell: copy() finalizes with its lock."""
+        self._lock_kept = True
+        self.pressure.spells += 1
+        self.progress.backpressure_spells = self.pressure.spells
+        return None
 
     def _end_spell(self, spell):
         self.raid._commit_lock.release()
