@@ -199,6 +199,12 @@ class RenderingTests(unittest.TestCase):
                                         'eta_seconds': 12.5}},
                           first_backlog=120.0),
             (0.75, 12.5, 'copy, 30s behind'))
+        self.assertEqual(
+            cli._progress({'state': 'recovering',
+                           'recovery': {'phase': 'copy',
+                                        'backlog_seconds': 2.0,
+                                        'backpressure_spells': 7}})[2],
+            'copy, 2s behind, back-pressure on live commits (7 spells)')
         self.assertIsNone(cli._progress({'state': 'recovering'}))
         self.assertIsNone(cli._progress({'state': 'degraded',
                                          'recovery': {'phase': 'copy'}}))

@@ -210,6 +210,9 @@ class MetricsServerTests(ServerTestBase):
             s, 'zeoraid_recovery_rate_transactions_per_second', **labels))
         self.assertIsNotNone(value(s, 'zeoraid_recovery_started_seconds',
                                    **labels))
+        # A quiet recovery needed no back-pressure.
+        self.assertEqual(value(s, 'zeoraid_recovery_backpressure_spells',
+                               **labels), 0)
         self.assertEqual(value(s, 'zeoraid_backend_lag_seconds', **labels),
                          0)
 

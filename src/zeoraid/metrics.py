@@ -235,6 +235,9 @@ def _collect_recovery(exp, labels, state, recovery, now):
     exp.gauge('zeoraid_recovery_rate_bytes_per_second',
               'Copy rate of the last recovery in bytes.',
               recovery.get('rate_bytes_s'), labels)
+    exp.gauge('zeoraid_recovery_backpressure_spells',
+              'Spells in which the last recovery made live commits wait.',
+              recovery.get('backpressure_spells'), labels)
     if active:
         exp.gauge('zeoraid_recovery_backlog_seconds',
                   'How far the recovery copy is behind the RAID.',

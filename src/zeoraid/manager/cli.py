@@ -313,8 +313,9 @@ def _progress(info, first_backlog=None):
     is recovering, or None.
 
     The RAID reports (zeoraid.recovery.Progress): phase, txns_copied,
-    rate_txn_s, backlog_seconds (how far the copy is behind the RAID) and
-    eta_seconds; ``done``/``total`` are used when given.  Without them the
+    rate_txn_s, backlog_seconds (how far the copy is behind the RAID),
+    backpressure_spells and eta_seconds; ``done``/``total`` are used when
+    given.  Without them the
     fraction is the part of the first backlog seen (first_backlog) that
     has been caught up.
     """
@@ -338,6 +339,9 @@ def _progress(info, first_backlog=None):
         parts.append('%s txn/s' % recovery['rate_txn_s'])
     if isinstance(backlog, (int, float)):
         parts.append('%s behind' % _format_duration(backlog))
+    if recovery.get('backpressure_spells'):
+        parts.append('back-pressure on live commits (%s spells)'
+                     % recovery['backpressure_spells'])
     eta = recovery.get('eta_seconds', recovery.get('eta'))
     return fraction, eta, ', '.join(parts)
 
