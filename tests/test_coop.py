@@ -18,6 +18,7 @@ from ZODB.utils import z64
 
 from tests.invariants import assert_replicas_identical
 from tests.invariants import committed_tids
+from tests.polling import poll
 from tests.zeo_backends import start_backends
 from tests.zeo_backends import stop_all
 from zeoraid.errors import RAIDError
@@ -122,6 +123,12 @@ class CoopTests(unittest.TestCase):
         raid_a.raid_disable('b2')
         with db_a.transaction() as conn:
             conn.root()['x'] = 1
+        # A's commit reaches B as an invalidation from b1/b3, a moment
+        # later (MVCC: a transaction B began before that may still see
+        # x == 0). Once B knows of it, B must never read stale b2.
+        committed = raid_a.lastTransaction()
+        self.assertTrue(poll(lambda: raid_b.lastTransaction() >= committed,
+                             TIMEOUT))
         # B reads from a backend that has A's commit, never stale b2.
         deadline = time.monotonic() + TIMEOUT * 3
         while time.monotonic() < deadline:
