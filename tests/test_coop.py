@@ -188,6 +188,11 @@ class CoopTests(unittest.TestCase):
         with db_a.transaction() as conn:
             conn.root()['after_partition'] = 1
         self.assertEqual(raid_a.raid_details()['b2']['state'], 'degraded')
+        # B hears of A's commit a moment later; a transaction it began
+        # before would conflict on the root (legitimately).
+        committed = raid_a.lastTransaction()
+        self.assertTrue(poll(lambda: raid_b.lastTransaction() >= committed,
+                             TIMEOUT))
         # B learns that b2 missed A's commits at its next commit at the
         # latest (its reads never went to b2 meanwhile: it had not
         # reported them).
