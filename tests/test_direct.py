@@ -16,6 +16,8 @@ import transaction
 import ZODB
 import ZODB.interfaces
 import ZODB.MappingStorage
+import ZODB.POSException
+from persistent.mapping import PersistentMapping
 from BTrees.Length import Length
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64
@@ -26,6 +28,8 @@ from tests.zeo_backends import start_backends
 from tests.zeo_backends import stop_all
 
 from zeoraid import direct
+from zeoraid.recovery import CopiedTransaction
+from zeoraid.recovery import compare_transactions
 from zeoraid.storage import RAIDStorage
 
 
@@ -235,6 +239,101 @@ class NoBlobDirTests(unittest.TestCase):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class RestoreStreamTests(unittest.TestCase):
+    """Recovery's pipelined restore into a real ZEO server."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='zeoraid-direct-')
+        self.servers = start_backends(self.tmp, 1)
+        self.client = self.servers[0].client()
+        self.direct = direct.DirectClient.for_storage(self.client)
+
+    def tearDown(self):
+        try:
+            self.client.close()
+        finally:
+            stop_all(self.servers)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def source_transactions(self, count):
+        source = ZODB.MappingStorage.MappingStorage()
+        db = ZODB.DB(source)
+        with db.transaction() as conn:
+            conn.root()['n'] = 0
+        for i in range(count):
+            with db.transaction('step %d' % i) as conn:
+                conn.root()['n'] = i
+                conn.root()['item%d' % (i % 4)] = PersistentMapping(i=i)
+        return source, [CopiedTransaction(t) for t in source.iterator()]
+
+    def restore(self, txns):
+        stream = self.direct.restore_stream()
+        replies = []
+        for txn in txns:
+            reply = direct.Replies(1).slot()
+            stream.send(txn, reply)
+            replies.append(reply)
+        outcomes = []
+        for reply in replies:
+            try:
+                outcomes.append(reply.result(10))
+            except TimeoutError:
+                raise
+            except Exception as exc:
+                outcomes.append(exc)
+        stream.close()
+        return outcomes
+
+    def server_last_tid(self):
+        fresh = self.servers[0].client()
+        try:
+            return fresh.lastTransaction()
+        finally:
+            fresh.close()
+
+    def test_restores_every_transaction_with_the_source_tid(self):
+        source, txns = self.source_transactions(40)
+        self.assertEqual(self.restore(txns), [t.tid for t in txns])
+        copied = [CopiedTransaction(t) for t in self.client.iterator()]
+        self.assertEqual(len(copied), len(txns))
+        for ours, theirs in zip(copied, txns):
+            self.assertIsNone(compare_transactions(ours, theirs))
+        self.assertEqual(self.client.lastTransaction(), txns[-1].tid)
+        self.assertEqual(self.server_last_tid(), txns[-1].tid)
+        # The client is free for ordinary transactions again.
+        txn = TransactionMetaData()
+        self.client.tpc_begin(txn)
+        self.client.store(p64(1000), z64, b'after', '', txn)
+        self.client.tpc_vote(txn)
+        self.assertGreater(self.client.tpc_finish(txn), txns[-1].tid)
+
+    def test_nothing_is_committed_after_a_failed_transaction(self):
+        _, txns = self.source_transactions(3)
+        first, second, third = txns[1:4]
+        # A backpointer to a transaction the server does not have: the
+        # server's vote fails.
+        broken = direct.ReadTransaction(
+            (second.tid, second.status, second.user, second.description,
+             second.extension),
+            [direct.ReadRecord(p64(999), second.tid, None, p64(5))])
+        outcomes = self.restore([txns[0], first, broken, third])
+        self.assertEqual(outcomes[:2], [txns[0].tid, first.tid])
+        self.assertIsInstance(outcomes[2], Exception)
+        self.assertIsInstance(outcomes[3], Exception)
+        self.assertIn('earlier restored transaction failed',
+                      str(outcomes[3]))
+        # The third was never sent: the server stops at the first.
+        self.assertEqual(self.server_last_tid(), first.tid)
+        self.assertEqual(self.client.lastTransaction(), first.tid)
+
+    def test_a_second_stream_waits_for_the_first(self):
+        stream = self.direct.restore_stream()
+        with self.assertRaises(ZODB.POSException.StorageTransactionError):
+            self.direct.restore_stream()
+        stream.close()
+        self.direct.restore_stream().close()
+
+
 class ClientConflictResolutionTests(DirectPathTests):
     """Backends that hand conflicts back to their client for resolution."""
 
@@ -322,4 +421,5 @@ def test_suite():
         loader.loadTestsFromTestCase(MemoryBufferTests),
         loader.loadTestsFromTestCase(NoBlobDirTests),
         loader.loadTestsFromTestCase(RepliesTests),
+        loader.loadTestsFromTestCase(RestoreStreamTests),
     ])

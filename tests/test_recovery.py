@@ -717,6 +717,42 @@ class RecoveryTests(RecoveryTestBase):
         self.assertEqual(b2.lastTransaction(), raid.lastTransaction())
         backlog.close()
 
+    def test_backlog_from_before_the_raid_opened(self):
+        # The RAID counts only its own commits since it opened: a backlog
+        # from before (a restart while a backend was degraded) must not
+        # look small, or the final catch-up, which holds the commit lock,
+        # would copy all of it while live commits wait.
+        raid = self.open_raid()
+        db = self.open_db(raid)
+        backlog = Backlog(db)
+        backlog.add(10)
+        raid.raid_disable('b2')
+        count = backlog.add(300, blob_every=0, undo_every=0)
+        backlog.close()
+        db.close()
+        self.dbs.remove(db)
+        self.raids.remove(raid)
+        raid = self.open_raid()
+        self.assertEqual(raid.raid_details()['b2']['state'], 'degraded')
+        b2_last = raid.raid_backend_storage('b2').lastTransaction()
+        self.assertIsNone(raid._commits_since(p64(u64(b2_last) + 1)))
+        raid.raid_recover('b2')
+        recovery = wait_recovery(self, raid)
+        self.assert_recovered(raid)
+        self.assertEqual(recovery.progress.txns_copied, count)
+        self.assertLessEqual(recovery.progress.final_catchup_txns,
+                             recovery_module.FINAL_CATCHUP * 5)
+        self.assertEqual(
+            raid.raid_details()['b2']['recovery']['final_catchup_txns'],
+            recovery.progress.final_catchup_txns)
+        # Commits of this RAID are counted.
+        db = self.open_db(raid)
+        backlog = Backlog(db)
+        backlog.add(3, blob_every=0, undo_every=0)
+        self.assertEqual(raid._commits_since(p64(u64(b2_last) + 1)), None)
+        self.assertEqual(raid._commits_since(backlog.tids[0]), 3)
+        backlog.close()
+
     def test_back_pressure_when_the_target_is_slower_than_live_commits(self):
         """Live commits as fast as they go, a target slower than them:
         without back-pressure the copy never catches up."""

@@ -14,6 +14,7 @@ always outpaces live traffic and the backlog shrinks. When the target
 cannot commit faster than the live load (the cap is not what limits),
 back-pressure makes live commits wait for short spells (BackPressure).
 """
+import collections
 import logging
 import os
 import queue
@@ -37,6 +38,7 @@ from zeoraid import direct as direct_client
 from zeoraid.backend import authoritative_last_tid
 from zeoraid.backend import close_iterator
 from zeoraid.backend import has_transaction
+from zeoraid.errors import BackendTimeout
 from zeoraid.errors import RAIDError
 
 logger = logging.getLogger('zeoraid')
@@ -47,6 +49,10 @@ FINAL_CATCHUP = 20
 VERIFY_WINDOW_SECONDS = 300
 #: Transactions read ahead of the copier.
 READ_AHEAD = 64
+
+#: Transactions sent to a ZEO target before the copier waits for the
+#: oldest to be committed (direct.RestoreStream).
+RESTORE_WINDOW = 16
 
 #: Transactions read from a ZEO source per hand-off (direct.BatchIterator).
 READ_BATCH = 32
@@ -212,6 +218,8 @@ class Progress:
         self.error = None
         self.finished = None
         self.backpressure_spells = 0
+        #: copied in the final catch-up, with live commits waiting
+        self.final_catchup_txns = 0
 
     def as_dict(self):
         elapsed = max(time.time() - self.started, 1e-9)
@@ -238,6 +246,7 @@ class Progress:
                                 else None),
             'eta_seconds': round(eta, 1) if eta is not None else None,
             'backpressure_spells': self.backpressure_spells,
+            'final_catchup_txns': self.final_catchup_txns,
             'error': self.error,
         }
 
@@ -467,8 +476,10 @@ class Recovery:
 
     def _backlog_small(self, start, final_catchup=FINAL_CATCHUP):
         newest = self.raid.lastTransaction()
-        return start > newest or self.raid._commits_since(start) \
-            <= final_catchup
+        if start > newest:
+            return True
+        backlog = self.raid._commits_since(start)
+        return backlog is not None and backlog <= final_catchup
 
     def _finalize(self, start):
         """Copy the rest with the commit lock held; make target optimal."""
@@ -486,7 +497,8 @@ class Recovery:
         self.progress.phase = 'finalize'
         newest = raid.lastTransaction()
         if newest >= start:
-            if raid._commits_since(start) > FINAL_CATCHUP * 5:
+            backlog = raid._commits_since(start)
+            if backlog is None or backlog > FINAL_CATCHUP * 5:
                 self.progress.phase = 'copy'
                 return False
             start = self._copy_range(start, final=True)
@@ -502,7 +514,12 @@ class Recovery:
         return True
 
     def _copy_range(self, start, final):
-        """Copy transactions >= start with read-ahead; return next start."""
+        """Copy transactions >= start with read-ahead; return next start.
+
+        Transactions without blobs go to a ZEO target through a
+        RestoreStream, up to RESTORE_WINDOW of them in flight; every
+        return drains it, so what was returned is committed.
+        """
         stop_reader = threading.Event()
         pipe = queue.Queue(maxsize=READ_AHEAD)
         reader = threading.Thread(
@@ -510,14 +527,17 @@ class Recovery:
             name='zeoraid-recover-read-%s' % self.target.name, daemon=True)
         reader.start()
         spell = None        # [started, copied] while holding the lock
+        writer = _Writer(self)
         try:
             while True:
                 item = pipe.get(timeout=max(self.timeout * 2, 30))
                 if item is None:
+                    writer.drain()
                     if spell is not None:
                         spell = self._keep_spell()
                     return start
                 if isinstance(item, Exception):
+                    writer.drain()
                     self._source_failed(item)
                     return start
                 nbytes = txn_size(item)
@@ -526,30 +546,31 @@ class Recovery:
                 if not (final or spell) and not self.limiter.acquire(
                         nbytes, self.stop_requested):
                     raise RecoveryError('recovery stopped on request')
-                self._copy_one(item)
+                writer.copy(item, nbytes)
                 if spell is not None:
                     spell[1] += 1
                     if self.pressure.spell_over(*spell):
+                        writer.drain()
                         self._end_spell(spell)
                         spell = None
-                self.progress.txns_copied += 1
-                self.progress.bytes_copied += nbytes
-                self.progress.copied_tid = item.tid
                 start = p64(u64(item.tid) + 1)
                 if self.stop_requested.is_set():
                     raise RecoveryError('recovery stopped on request')
                 if not final and self._backlog_small(start):
                     # Caught up: finalize now. Under steady live commits
                     # the source's iterator may never run dry.
+                    writer.drain()
                     if spell is not None:
                         spell = self._keep_spell()
                     return start
         except queue.Empty:
+            writer.drain()
             self._source_failed(RecoveryError(
                 'source %s gave no transaction for %gs'
                 % (self.source.name, max(self.timeout * 2, 30))))
             return start
         finally:
+            writer.close()
             if spell is not None:
                 self._end_spell(spell)
             stop_reader.set()
@@ -563,12 +584,25 @@ class Recovery:
             except queue.Empty:
                 pass
 
+    def _copied(self, txn, nbytes):
+        """The target committed txn."""
+        self.progress.txns_copied += 1
+        self.progress.bytes_copied += nbytes
+        self.progress.copied_tid = txn.tid
+        if self.progress.phase == 'finalize':
+            self.progress.final_catchup_txns += 1
+
     def _start_spell(self, start):
         """Back-pressure: take the commit lock if it is due (BackPressure).
 
         Returns [started, copied] if the lock is now held, else None.
         """
-        if not self.pressure.due(self.raid._commits_since(start)):
+        backlog = self.raid._commits_since(start)
+        if backlog is None:
+            # Still copying what was committed before the RAID opened: a
+            # fixed amount, which live commits do not make grow.
+            return None
+        if not self.pressure.due(backlog):
             return None
         if not self.raid._commit_lock.acquire(timeout=self.timeout):
             return None
@@ -782,6 +816,74 @@ class Recovery:
                        candidates[0].name)
         self.source = candidates[0]
         self.progress.source = self.source.name
+
+
+class _Writer:
+    """Commits copied transactions on the target, in order.
+
+    Through a RestoreStream (several in flight) where the target is a ZEO
+    client and the transaction has no blob; else one at a time with
+    Recovery._copy_one, after the stream has drained.
+    """
+
+    def __init__(self, recovery):
+        self.recovery = recovery
+        self.target = recovery.target
+        self.stream = None
+        self.in_flight = collections.deque()   # (txn, nbytes, reply)
+
+    def copy(self, txn, nbytes):
+        direct = self.target.direct
+        if txn.blobs or direct is None:
+            self.drain()
+            self._close_stream()
+            self.recovery._copy_one(txn)
+            self.recovery._copied(txn, nbytes)
+            return
+        if self.stream is None:
+            self.stream = direct.restore_stream()
+        reply = direct_client.Replies(1).slot()
+        self.stream.send(txn, reply)
+        self.in_flight.append((txn, nbytes, reply))
+        if len(self.in_flight) > RESTORE_WINDOW:
+            self._confirm_oldest()
+
+    def drain(self):
+        """Wait until every transaction sent is committed."""
+        while self.in_flight:
+            self._confirm_oldest()
+
+    def _confirm_oldest(self):
+        txn, nbytes, reply = self.in_flight[0]
+        timeout = self.recovery.timeout * (1 + nbytes / 10e6)
+        try:
+            tid = reply.result(timeout)
+        except TimeoutError:
+            raise BackendTimeout(
+                'target %s did not commit %s within %gs'
+                % (self.target.name, txn.tid.hex(), timeout)) from None
+        self.in_flight.popleft()
+        if tid != txn.tid:
+            raise RecoveryError('target %s committed %s as %s' % (
+                self.target.name, txn.tid.hex(),
+                tid.hex() if tid else tid))
+        self.recovery._copied(txn, nbytes)
+
+    def _close_stream(self):
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def close(self):
+        """Give the target's client back (after a failure: only once
+        every answer is in, else a later recovery reopens the client)."""
+        if self.stream is None:
+            return
+        if all(reply.done() for _, _, reply in self.in_flight):
+            self._close_stream()
+        else:
+            self.stream = None
+        self.in_flight.clear()
 
 
 def _remove_blob_copies(txn):

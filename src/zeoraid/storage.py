@@ -130,6 +130,7 @@ class RAIDStorage:
         self._recovery = None        # the running Recovery, if any
         self._packing = False
         self._recent_tids = collections.deque(maxlen=RECENT_TIDS)
+        self._recent_floor = z64
         self.stats = RAIDStats()
         self._blobs = BlobPlacement(blob_dir, shared_blob_dir)
         self._blob_dir = blob_dir
@@ -141,6 +142,8 @@ class RAIDStorage:
         self._check_blob_settings()
         self._declare_interfaces()
         self._set_start_state()
+        # _recent_tids holds the commits after this tid, no older ones.
+        self._recent_floor = self._ltid
         self._auto_recover = None
         if auto_recover:
             from zeoraid.recovery import AutoRecover
@@ -414,6 +417,8 @@ class RAIDStorage:
             if tid > self._ltid:
                 self._ltid = tid
                 self._ltid_changed = time.monotonic()
+                # A coop peer's commit is as much backlog as our own.
+                self._recent_tids.append(tid)
 
     # -- IStorageWrapper plumbing for the backends ---------------------------
 
@@ -981,9 +986,17 @@ class RAIDStorage:
                 else 'timed out after %gs' % self.timeout)
 
     def _commits_since(self, start):
-        """How many RAID commits have a tid >= start (bounded memory)."""
+        """How many RAID commits have a tid >= start (bounded memory).
+
+        None if unknown: start is at or before the newest tid when the
+        RAID opened (what was committed before is not counted; an empty
+        database has nothing before); a lower
+        bound if more than RECENT_TIDS commits came since.
+        """
         tids = self._recent_tids
         with self._lock:
+            if z64 < self._recent_floor and start <= self._recent_floor:
+                return None
             if tids and tids[0] > start and len(tids) == tids.maxlen:
                 return len(tids)
             return len(tids) - bisect.bisect_left(tids, start)
