@@ -190,8 +190,8 @@ class CoopTests(unittest.TestCase):
         self.assertEqual(raid_a.raid_details()['b2']['state'], 'degraded')
         # B hears of A's commit a moment later; a transaction it began
         # before would conflict on the root (legitimately).
-        committed = raid_a.lastTransaction()
-        self.assertTrue(poll(lambda: raid_b.lastTransaction() >= committed,
+        newest = raid_a.lastTransaction()
+        self.assertTrue(poll(lambda: raid_b.lastTransaction() >= newest,
                              TIMEOUT))
         # B learns that b2 missed A's commits at its next commit at the
         # latest (its reads never went to b2 meanwhile: it had not
