@@ -73,10 +73,15 @@ QUICK = dict(rounds=1, duration=0.3, load_objects=400, load_payload=1000,
              warm_objects=200, readers=4, writers=8)
 
 
+#: Topology name suffix: a RAID whose backend clients have an IO thread
+#: each (shared-backend-io off), e.g. raid2-own-io.
+OWN_IO = '-own-io'
+
+
 class Topology:
     """A front server (plain ZEO or zeoraid) and its backends."""
 
-    def __init__(self, name, workdir, backends, proxy=False):
+    def __init__(self, name, workdir, backends, proxy=False, extra=''):
         self.name = name
         self.directory = os.path.join(workdir, name)
         self.backends = []
@@ -104,7 +109,8 @@ class Topology:
             self.front = common.Server(
                 name, front_dir, common.raid_config(
                     front_dir, [('b%d' % (i + 1), b)
-                                for i, b in enumerate(self.backends)]),
+                                for i, b in enumerate(self.backends)],
+                    extra=extra),
                 module='zeoraid.server')
         self.data_oids = []
         self.blobs = []
@@ -135,9 +141,15 @@ def make_topologies(workdir, names):
             topologies.append(Topology(name, workdir, 1, proxy=True))
         elif name.startswith('raid') and name[4:].isdigit():
             topologies.append(Topology(name, workdir, int(name[4:])))
+        elif (name.startswith('raid') and name.endswith(OWN_IO)
+              and name[4:-len(OWN_IO)].isdigit()):
+            # A/B of <raidstorage> shared-backend-io (zeoraid.ioloop).
+            topologies.append(Topology(name, workdir,
+                                       int(name[4:-len(OWN_IO)]),
+                                       extra='shared-backend-io off'))
         else:
             raise SystemExit('unknown topology %r (zeo, zeoproxy, raid1, '
-                             'raid2, ...)' % name)
+                             'raid2, ..., raid2%s, ...)' % (name, OWN_IO))
     return topologies
 
 
@@ -295,7 +307,8 @@ def check_targets(results):
 def resource_figures(rss_start, rss_end, results):
     """RSS of each front server, and the cost of one more backend."""
     figures = {'rss_start_bytes': rss_start, 'rss_end_bytes': rss_end}
-    raids = sorted((int(n[4:]), n) for n in rss_end if n.startswith('raid'))
+    raids = sorted((int(n[4:]), n) for n in rss_end
+                   if n.startswith('raid') and n[4:].isdigit())
     if len(raids) >= 2:
         (n1, first), (n2, last) = raids[0], raids[-1]
         for label, table in (('start', rss_start), ('end', rss_end)):

@@ -1,6 +1,7 @@
 """ZConfig datatypes for `%import zeoraid` and `<raidstorage>`."""
 import ZODB.config
 
+from zeoraid import ioloop
 from zeoraid.storage import CLUSTER_MODES
 from zeoraid.storage import FAIL_MODES
 
@@ -35,7 +36,8 @@ def backend_openers(section):
     if duplicates:
         raise ValueError('<raidstorage %s>: duplicate backend names: %s'
                          % (section.getSectionName(), ', '.join(duplicates)))
-    return [(s.name, s.open) for s in storages]
+    shared = getattr(section, 'shared_backend_io', True)
+    return [(s.name, ioloop.opener(s, shared)) for s in storages]
 
 
 class RAIDStorageConfig(ZODB.config.BaseConfig):
