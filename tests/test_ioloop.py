@@ -130,6 +130,36 @@ class SharedBackendIOTests(unittest.TestCase):
             self.assertEqual(conn.root()['n'], 5)
         assert_replicas_identical(raid)
 
+    def test_a_forked_process_gets_a_loop_of_its_own(self):
+        # ZEO's test forker and daemonizing servers fork after the loop
+        # may have started: the child has the loop object, not its thread.
+        self.assertTrue(ioloop.shared_loop().is_running())
+        pid = os.fork()
+        if pid == 0:        # the child: report by exit code only
+            code = 1
+            try:
+                db = self.open_db(timeout='3s')
+                if db.storage.raid_status() == 'optimal':
+                    self.commit(db, 'from child', 1)
+                    code = 0
+                db.close()
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            self.fail('the forked child did not finish')
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        db = self.open_db()
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['from child'], 1)
+
 
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromTestCase(

@@ -15,6 +15,7 @@ unanswered, and the RAID's deadlines degrade it as before.
 """
 import asyncio
 import logging
+import os
 import threading
 
 import ZEO.asyncio.client
@@ -29,6 +30,17 @@ logger = logging.getLogger('zeoraid')
 
 _lock = threading.Lock()
 _loop = None
+
+
+def _forget_in_child():
+    """A forked child has the loop object but not the thread running it
+    (ZEO's test forker, daemonizing servers): it starts its own."""
+    global _lock, _loop
+    _lock = threading.Lock()
+    _loop = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def shared_loop():
