@@ -476,9 +476,22 @@ class RestoreStream:
     def send(self, txn, reply):
         """Queue the restore of txn (its records: oid, tid, data,
         data_txn); the committed tid goes to `reply`."""
+        self.send_many([(txn, reply)])
+
+    def send_many(self, items):
+        """send() for several (txn, reply), in order, in one hand-off."""
         if self._closed:
             raise ZODB.POSException.StorageTransactionError(
                 'restore stream is closed')
+        starts = [self._prepare(txn, reply) for txn, reply in items]
+
+        def start_all():
+            for start in starts:
+                start()
+        self.client.runner.loop.call_soon_threadsafe(start_all)
+
+    def _prepare(self, txn, reply):
+        """The IO thread's part of one send, as a callable."""
         # Ids of our own: the server only compares them with the one
         # transaction this connection has open.
         txn_id = RESTORE_IDS + next(self._ids)
@@ -534,7 +547,7 @@ class RestoreStream:
                 reply.set(error=exc)
             else:
                 task.add_done_callback(reply.set_from)
-        loop.call_soon_threadsafe(start)
+        return start
 
     def close(self):
         """Let ordinary transactions use the client again.

@@ -53,6 +53,9 @@ READ_AHEAD = 64
 #: Transactions sent to a ZEO target before the copier waits for the
 #: oldest to be committed (direct.RestoreStream).
 RESTORE_WINDOW = 16
+#: ... handed to the target's IO thread this many at a time (fewer when
+#: the reader has nothing more yet).
+RESTORE_SEND_BATCH = 8
 
 #: Transactions read from a ZEO source per hand-off (direct.BatchIterator).
 READ_BATCH = 32
@@ -547,6 +550,8 @@ class Recovery:
                         nbytes, self.stop_requested):
                     raise RecoveryError('recovery stopped on request')
                 writer.copy(item, nbytes)
+                if pipe.empty():
+                    writer.flush()     # nothing more to send with it
                 if spell is not None:
                     spell[1] += 1
                     if self.pressure.spell_over(*spell):
@@ -831,8 +836,10 @@ class _Writer:
         self.target = recovery.target
         self.stream = None
         self.in_flight = collections.deque()   # (txn, nbytes, reply)
+        self.unsent = []                       # (txn, reply) to send
 
     def copy(self, txn, nbytes):
+        """Commit txn on the target (or queue it: see flush)."""
         direct = self.target.direct
         if txn.blobs or direct is None:
             self.drain()
@@ -843,13 +850,27 @@ class _Writer:
         if self.stream is None:
             self.stream = direct.restore_stream()
         reply = direct_client.Replies(1).slot()
-        self.stream.send(txn, reply)
+        self.unsent.append((txn, reply))
         self.in_flight.append((txn, nbytes, reply))
+        if len(self.unsent) >= RESTORE_SEND_BATCH:
+            self.flush()
         if len(self.in_flight) > RESTORE_WINDOW:
+            self.flush()
             self._confirm_oldest()
+            # Take whatever else is in already, so the copier is not
+            # woken for each transaction.
+            while self.in_flight and self.in_flight[0][2].done():
+                self._confirm_oldest()
+
+    def flush(self):
+        """Send the queued transactions (one hand-off for all)."""
+        if self.unsent:
+            unsent, self.unsent = self.unsent, []
+            self.stream.send_many(unsent)
 
     def drain(self):
         """Wait until every transaction sent is committed."""
+        self.flush()
         while self.in_flight:
             self._confirm_oldest()
 
@@ -879,7 +900,10 @@ class _Writer:
         every answer is in, else a later recovery reopens the client)."""
         if self.stream is None:
             return
-        if all(reply.done() for _, _, reply in self.in_flight):
+        unsent = {id(reply) for _, reply in self.unsent}
+        self.unsent = []
+        if all(reply.done() or id(reply) in unsent
+               for _, _, reply in self.in_flight):
             self._close_stream()
         else:
             self.stream = None
