@@ -36,8 +36,8 @@ def backend_openers(section):
     if duplicates:
         raise ValueError('<raidstorage %s>: duplicate backend names: %s'
                          % (section.getSectionName(), ', '.join(duplicates)))
-    shared = getattr(section, 'shared_backend_io', True)
-    return [(s.name, ioloop.opener(s, shared)) for s in storages]
+    return [(s.name, ioloop.opener(s, section.shared_backend_io))
+            for s in storages]
 
 
 class RAIDStorageConfig(ZODB.config.BaseConfig):

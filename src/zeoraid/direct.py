@@ -450,10 +450,10 @@ class RestoreStream:
     a failed transaction stops every later one: either its vote failed
     (later ones are never sent) or its finish failed (the server still
     holds it, refuses the next tpc_begin and drops the connection). No
-    transaction can be committed after one that was not. The caller only
-    waits for the oldest answers (RestoreStream.wait), so the round trips
-    overlap: about one per transaction instead of two plus two thread
-    hand-offs.
+    transaction can be committed after one that was not. Each send's
+    answer goes to its own Reply; the caller waits only for the oldest,
+    so the round trips overlap: about one per transaction instead of two
+    plus four thread hand-offs.
 
     The stream holds ClientStorage's commit lock while it is open, so no
     ordinary transaction of this client interleaves (blobs, which need
@@ -517,7 +517,7 @@ class RestoreStream:
                 _send(client, messages)
                 answer = await protocol.call_sync('vote', (txn_id,))
                 if DirectTransaction.needs_resolution(answer):
-                    _abort_quietly(protocol, txn_id)
+                    _send(client, [('tpc_abort', (txn_id,))])
                     raise ZODB.POSException.ConflictError(
                         'the server reported a conflict while restoring '
                         '%s' % txn.tid.hex())
@@ -557,20 +557,6 @@ class RestoreStream:
         if not self._closed:
             self._closed = True
             self.storage._commit_lock.release()
-
-
-def _abort_quietly(protocol, txn_id):
-    """tpc_abort a server transaction; its answer is not awaited."""
-    try:
-        future = protocol.call_sync('tpc_abort', (txn_id,))
-    except Exception:
-        return
-    future.add_done_callback(_retrieve)
-
-
-def _retrieve(future):
-    if not future.cancelled():
-        future.exception()
 
 
 class ReadTransaction:

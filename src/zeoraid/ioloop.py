@@ -47,7 +47,7 @@ def shared_loop():
     """The process's backend IO loop, started on first use."""
     global _loop
     with _lock:
-        if _loop is None or _loop.is_closed():
+        if _loop is None:
             loop = new_event_loop()
             started = threading.Event()
 
@@ -94,9 +94,8 @@ class SharedLoopRunner(ZEO.asyncio.client.ClientRunner):
         self._closed = False
 
     def close(self):
-        if not self._closed:
-            self._closed = True
-            super().close()
+        self._closed = True
+        super().close()     # does nothing the second time
 
     def is_closed(self):
         return self._closed

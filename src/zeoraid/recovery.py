@@ -15,6 +15,7 @@ cannot commit faster than the live load (the cap is not what limits),
 back-pressure makes live commits wait for short spells (BackPressure).
 """
 import collections
+import itertools
 import logging
 import os
 import queue
@@ -836,7 +837,7 @@ class _Writer:
         self.target = recovery.target
         self.stream = None
         self.in_flight = collections.deque()   # (txn, nbytes, reply)
-        self.unsent = []                       # (txn, reply) to send
+        self.unsent = 0     # the last in_flight entries, not sent yet
 
     def copy(self, txn, nbytes):
         """Commit txn on the target (or queue it: see flush)."""
@@ -849,10 +850,9 @@ class _Writer:
             return
         if self.stream is None:
             self.stream = direct.restore_stream()
-        reply = direct_client.Replies(1).slot()
-        self.unsent.append((txn, reply))
-        self.in_flight.append((txn, nbytes, reply))
-        if len(self.unsent) >= RESTORE_SEND_BATCH:
+        self.in_flight.append((txn, nbytes, direct_client.Replies(1).slot()))
+        self.unsent += 1
+        if self.unsent >= RESTORE_SEND_BATCH:
             self.flush()
         if len(self.in_flight) > RESTORE_WINDOW:
             self.flush()
@@ -865,8 +865,11 @@ class _Writer:
     def flush(self):
         """Send the queued transactions (one hand-off for all)."""
         if self.unsent:
-            unsent, self.unsent = self.unsent, []
-            self.stream.send_many(unsent)
+            sent = len(self.in_flight) - self.unsent
+            self.stream.send_many(
+                [(txn, reply) for txn, _, reply in
+                 itertools.islice(self.in_flight, sent, None)])
+            self.unsent = 0
 
     def drain(self):
         """Wait until every transaction sent is committed."""
@@ -900,10 +903,10 @@ class _Writer:
         every answer is in, else a later recovery reopens the client)."""
         if self.stream is None:
             return
-        unsent = {id(reply) for _, reply in self.unsent}
-        self.unsent = []
-        if all(reply.done() or id(reply) in unsent
-               for _, _, reply in self.in_flight):
+        sent = len(self.in_flight) - self.unsent
+        self.unsent = 0
+        if all(reply.done() for _, _, reply in
+               itertools.islice(self.in_flight, sent)):
             self._close_stream()
         else:
             self.stream = None

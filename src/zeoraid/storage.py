@@ -990,8 +990,8 @@ class RAIDStorage:
 
         None if unknown: start is at or before the newest tid when the
         RAID opened (what was committed before is not counted; an empty
-        database has nothing before); a lower
-        bound if more than RECENT_TIDS commits came since.
+        database has nothing before). A lower bound if more than
+        RECENT_TIDS commits came since.
         """
         tids = self._recent_tids
         with self._lock:
