@@ -115,6 +115,42 @@ class DirectPathTests(unittest.TestCase):
                              (bytes([(count - 1) % 256]) * size, tid))
         assert_replicas_identical(self.raid)
 
+    def count_transport_writes(self):
+        """Wrap each backend connection's transport.write; returns
+        {backend name: [data written]}."""
+        writes = {}
+        for backend in self.raid._backends:
+            protocol = backend.storage._server.client.protocol
+            transport = protocol.sm_protocol.transport
+            written = writes[backend.name] = []
+
+            def write(data, _original=transport.write, _written=written):
+                _written.append(bytes(data))
+                return _original(data)
+            transport.write = write
+            self.addCleanup(vars(transport).pop, 'write', None)
+        return writes
+
+    def test_begin_stores_and_vote_go_out_in_one_write(self):
+        oids = [self.raid.new_oid() for _ in range(10)]
+        txn = TransactionMetaData()
+        writes = self.count_transport_writes()
+        self.raid.tpc_begin(txn)
+        for oid in oids:
+            self.raid.store(oid, z64, b'record ' + oid, '', txn)
+        self.raid.tpc_vote(txn)
+        for name, written in writes.items():
+            # tpc_begin, 10 storea and vote: 12 ZEO messages, one write
+            # (ZEO's own writer would make 12).
+            self.assertEqual(len(written), 1, name)
+            frames = _frames(written[0])
+            self.assertEqual(len(frames), 12, name)
+        tid = self.raid.tpc_finish(txn)
+        for backend in self.raid._backends:
+            self.assertEqual(backend.storage.load(oids[-1]),
+                             (b'record ' + oids[-1], tid))
+        assert_replicas_identical(self.raid)
+
     def test_abort_leaves_the_backends_ready(self):
         oid = self.raid.new_oid()
         txn = TransactionMetaData()
@@ -386,6 +422,85 @@ class ClientConflictResolutionTests(DirectPathTests):
             db.close()
 
 
+def _frames(data):
+    """ZEO's sized frames in data (4-byte big-endian length, message)."""
+    frames = []
+    while data:
+        size = int.from_bytes(data[:4], 'big')
+        frames.append(data[4:4 + size])
+        data = data[4 + size:]
+    return frames
+
+
+class _Transport:
+    def __init__(self, buffered):
+        self.buffered = buffered
+        self.written = []
+
+    def get_write_buffer_size(self):
+        return self.buffered
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class _Protocol:
+    """What _send uses of ZEO's client protocol (ZEO's own encoder)."""
+
+    def __init__(self, buffered):
+        from ZEO.asyncio.marshal import encoder
+        self.encode = encoder(b'Z5')
+        self.sm_protocol = type('SMP', (), {})()
+        self.sm_protocol.transport = _Transport(buffered)
+        self.messages = []       # what went through ZEO's own writer
+        self.message_id = 0
+
+    def write_message(self, message):
+        self.messages.append(message)
+
+    def call_async(self, method, args):
+        self.write_message(self.encode(0, True, method, args))
+
+    def call_sync(self, method, args):
+        self.message_id += 1
+        self.write_message(self.encode(self.message_id, False, method,
+                                       args))
+        return 'answer-future'
+
+
+class SendTests(unittest.TestCase):
+    """direct._send: one write, or ZEO's writer when the transport is
+    behind."""
+
+    messages = [('tpc_begin', (1, 'u', 'd', {}, None, ' ')),
+                ('storea', (p64(1), z64, b'data', 1))]
+
+    def decoded(self, frames):
+        from ZEO.asyncio.marshal import pickle_decode
+        return [pickle_decode(frame)[2] for frame in frames]
+
+    def test_one_write_in_order(self):
+        protocol = _Protocol(buffered=0)
+        client = type('Client', (), {'protocol': protocol})()
+        answer = direct._send(client, self.messages, ('vote', (1,)))
+        self.assertEqual(answer, 'answer-future')
+        self.assertEqual(protocol.messages, [])
+        written = protocol.sm_protocol.transport.written
+        self.assertEqual(len(written), 1)
+        self.assertEqual(self.decoded(_frames(written[0])),
+                         ['tpc_begin', 'storea', 'vote'])
+        # ZEO's writer is back in place.
+        self.assertEqual(protocol.write_message.__name__, 'write_message')
+
+    def test_transport_behind_uses_zeos_writer(self):
+        protocol = _Protocol(buffered=1)
+        client = type('Client', (), {'protocol': protocol})()
+        direct._send(client, self.messages, ('vote', (1,)))
+        self.assertEqual(protocol.sm_protocol.transport.written, [])
+        self.assertEqual(self.decoded(protocol.messages),
+                         ['tpc_begin', 'storea', 'vote'])
+
+
 class MemoryBufferTests(unittest.TestCase):
 
     def test_records_in_order_with_resolution(self):
@@ -419,6 +534,7 @@ def test_suite():
         loader.loadTestsFromTestCase(DirectPathTests),
         loader.loadTestsFromTestCase(ClientConflictResolutionTests),
         loader.loadTestsFromTestCase(MemoryBufferTests),
+        loader.loadTestsFromTestCase(SendTests),
         loader.loadTestsFromTestCase(NoBlobDirTests),
         loader.loadTestsFromTestCase(RepliesTests),
         loader.loadTestsFromTestCase(RestoreStreamTests),

@@ -17,6 +17,7 @@ import unittest
 
 import ZEO.asyncio.client
 import ZODB.config
+import ZODB.Connection
 from BTrees.OOBTree import OOBTree
 
 from tests.invariants import assert_replicas_identical
@@ -96,6 +97,32 @@ class SharedBackendIOTests(unittest.TestCase):
             self.assertTrue(runner.is_closed())
         # The loop serves the next RAID of the process.
         self.assertTrue(ioloop.shared_loop().is_running())
+
+    def test_votes_and_finishes_reach_the_loop_in_one_hand_off(self):
+        db = self.open_db()
+        raid = db.storage
+        self.commit(db, 'n', 0)
+        loop = ioloop.shared_loop()
+        hand_offs = []
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kw):
+            hand_offs.append(getattr(callback, '__name__', repr(callback)))
+            return original(callback, *args, **kw)
+
+        txn = ZODB.Connection.TransactionMetaData()
+        raid.tpc_begin(txn)
+        raid.store(raid.new_oid(), b'\0' * 8, b'data', '', txn)
+        loop.call_soon_threadsafe = counting
+        try:
+            raid.tpc_vote(txn)
+            raid.tpc_finish(txn)
+        finally:
+            del loop.call_soon_threadsafe
+        # One for the three votes, one for the three finishes (one per
+        # backend each before the Handoff).
+        self.assertEqual(hand_offs, ['_start_all', '_start_all'])
+        assert_replicas_identical(raid)
 
     def test_off_gives_each_backend_its_own_thread(self):
         db = self.open_db(extra='shared-backend-io off')

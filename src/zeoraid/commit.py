@@ -272,6 +272,7 @@ class Commit:
         replies = direct_client.Replies(
             sum(1 for share in shares
                 if share.direct is not None and share.error is None))
+        handoff = direct_client.Handoff()
         for share in shares:
             if share.direct is None:
                 try:
@@ -286,11 +287,12 @@ class Commit:
                 continue
             reply = replies.slot()
             try:
-                share.direct.send_vote(reply)
+                share.direct.send_vote(reply, handoff)
             except Exception as exc:
                 reply.set(error=exc)
             futures[share.backend] = reply
             direct[share.backend] = share
+        handoff.go()
         resolving = {}
         for outcome in fanout.gather(futures, timeout):
             share = direct.get(outcome.backend)
@@ -405,6 +407,7 @@ class Commit:
         active = self.active()
         replies = direct_client.Replies(
             sum(1 for share in active if share.direct is not None))
+        handoff = direct_client.Handoff()
         for share in active:
             share.finished = True
             try:
@@ -415,7 +418,7 @@ class Commit:
                 else:
                     reply = replies.slot()
                     try:
-                        share.direct.send_finish(reply)
+                        share.direct.send_finish(reply, handoff)
                     except BaseException:
                         reply.set(error=None)   # nothing to wait for
                         raise
@@ -425,6 +428,7 @@ class Commit:
                 share.finished = False
                 self._degrade(share.backend, 'unknown outcome: %s'
                               % fanout.describe(exc))
+        handoff.go()
         # Backends degraded earlier in this transaction still hold it
         # open: end it there too.
         for share in self.shares:

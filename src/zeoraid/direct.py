@@ -26,6 +26,7 @@ a ZEO without them) keeps using the commit worker.
 """
 import itertools
 import logging
+import struct
 import threading
 
 import ZEO.ClientStorage
@@ -284,22 +285,27 @@ class DirectTransaction:
 
     # -- vote --------------------------------------------------------------
 
-    def send_vote(self, reply):
-        """Send what is queued and the vote; the answer goes to `reply`."""
+    def send_vote(self, reply, handoff=None):
+        """Send what is queued and the vote; the answer goes to `reply`.
+
+        With a `handoff`, the IO thread gets it when handoff.go() is
+        called (together with the other backends' votes).
+        """
         self._check('tpc_vote')
         messages = self._take_messages()
         client = self.client.runner.client
         txn_id = id(self.txn)
 
-        async def vote():
-            if not client.operational:
-                raise ClientDisconnected('backend connection lost')
-            _send(client, messages)
-            return await client.protocol.call_sync('vote', (txn_id,))
-        self._run(vote(), reply)
-
-    def _run(self, coroutine, reply):
-        _run_in(self.client.runner.loop, coroutine, reply)
+        def vote():
+            try:
+                if not client.operational:
+                    raise ClientDisconnected('backend connection lost')
+                answer = _send(client, messages, ('vote', (txn_id,)))
+            except BaseException as exc:
+                reply.set(error=exc)
+            else:
+                answer.add_done_callback(reply.set_from)
+        _hand_off(handoff, self.client.runner.loop, vote, reply)
 
     @staticmethod
     def needs_resolution(answer):
@@ -326,7 +332,7 @@ class DirectTransaction:
 
     # -- finish ------------------------------------------------------------
 
-    def send_finish(self, reply):
+    def send_finish(self, reply, handoff=None):
         """Send tpc_finish; the committed tid goes to `reply`.
 
         The client's transaction ends (its commit lock is released) in the
@@ -337,13 +343,17 @@ class DirectTransaction:
         txn = self.txn
         tbuf = self._check('tpc_finish')
         client = self.client.runner.client
+        loop = self.client.runner.loop
 
         async def finish():
             try:
                 return await client.tpc_finish_co(id(txn), tbuf, _ignore)
             finally:
                 storage.tpc_end(txn)
-        self._run(finish(), reply)
+
+        def start():
+            _start_task(loop, finish(), reply)
+        _hand_off(handoff, loop, start, reply)
 
     def complete_finish(self, tid):
         """Move the transaction's blobs into the client's blob cache."""
@@ -514,8 +524,8 @@ class RestoreStream:
                 if not client.operational:
                     raise ClientDisconnected('backend connection lost')
                 protocol = client.protocol
-                _send(client, messages)
-                answer = await protocol.call_sync('vote', (txn_id,))
+                answer = await _send(client, messages,
+                                     ('vote', (txn_id,)))
                 if DirectTransaction.needs_resolution(answer):
                     _send(client, [('tpc_abort', (txn_id,))])
                     raise ZODB.POSException.ConflictError(
@@ -659,22 +669,102 @@ QUEUED_CALLS = frozenset(['store', 'restore', 'deleteObject', 'storeBlob',
                           'checkCurrentSerialInTransaction'])
 
 
+def _start_task(loop, coroutine, reply):
+    """In the IO thread: run the coroutine; its result goes to reply."""
+    try:
+        task = AsyncTask(coroutine, loop)
+    except BaseException as exc:
+        reply.set(error=exc)
+    else:
+        task.add_done_callback(reply.set_from)
+
+
 def _run_in(loop, coroutine, reply):
     """Run the coroutine in the IO thread; its result goes to reply."""
-    def start():
+    loop.call_soon_threadsafe(_start_task, loop, coroutine, reply)
+
+
+class Handoff:
+    """Work for backend IO threads, handed over in one wake-up per loop.
+
+    With the shared backend IO loop (zeoraid.ioloop) every backend's vote
+    (or finish) of a transaction is one call_soon_threadsafe, not one per
+    backend. Each item is (callable, reply): the callable runs in the IO
+    thread and answers the reply itself; if the loop cannot take it, the
+    reply gets the error at once.
+    """
+
+    def __init__(self):
+        self._by_loop = {}
+
+    def add(self, loop, start, reply):
+        self._by_loop.setdefault(loop, []).append((start, reply))
+
+    def go(self):
+        by_loop, self._by_loop = self._by_loop, {}
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_start_all, items)
+            except BaseException as exc:    # closed loop
+                for start, reply in items:
+                    reply.set(error=exc)
+
+
+def _start_all(items):
+    for start, reply in items:
         try:
-            task = AsyncTask(coroutine, loop)
+            start()
         except BaseException as exc:
             reply.set(error=exc)
-        else:
-            task.add_done_callback(reply.set_from)
-    loop.call_soon_threadsafe(start)
 
 
-def _send(client, messages):
-    """In the IO thread: write the messages to the server, in order."""
-    for method, args in messages:
-        client.call_async(method, args)
+def _hand_off(handoff, loop, start, reply):
+    if handoff is None:
+        loop.call_soon_threadsafe(start)
+    else:
+        handoff.add(loop, start, reply)
+
+
+_pack_size = struct.Struct('>I').pack
+
+
+def _send(client, messages, call=None):
+    """In the IO thread: write the messages to the server, in order, then
+    `call` (method, args), whose answer the returned future gets.
+
+    ZEO's protocol writes every message with a system call of its own,
+    and the server wakes up for each. Here ZEO's own call_async and
+    call_sync encode them (message ids, futures) and the frames go out
+    in one write when the connection has nothing buffered. Otherwise
+    (the transport is behind, or ZEO's writer is paused and queueing)
+    they go through ZEO's writer one by one, which keeps them in order.
+    """
+    protocol = client.protocol
+    frames = []
+    write_message = protocol.write_message
+    protocol.write_message = frames.append
+    try:
+        for method, args in messages:
+            protocol.call_async(method, args)
+        answer = protocol.call_sync(*call) if call is not None else None
+    finally:
+        protocol.write_message = write_message
+    transport = getattr(getattr(protocol, 'sm_protocol', None),
+                        'transport', None)
+    if (len(frames) > 1 and transport is not None
+            and not transport.get_write_buffer_size()):
+        # An empty buffer means ZEO's writer is not paused (asyncio
+        # resumes the protocol before the buffer runs empty), so nothing
+        # of ZEO's is queued ahead of these frames.
+        data = []
+        for frame in frames:
+            data.append(_pack_size(len(frame)))
+            data.append(frame)
+        transport.write(b''.join(data))
+    else:
+        for frame in frames:
+            write_message(frame)
+    return answer
 
 
 def resolved_oids(tbuf):

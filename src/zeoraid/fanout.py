@@ -134,6 +134,8 @@ def vote(outcomes, preferred):
     exception, it is the application's error: re-raised by the caller,
     and the backends that said "ok" are the divergent minority.
     """
+    if outcomes and all(outcome.error is None for outcome in outcomes):
+        return Verdict(list(outcomes), [])     # the usual case: all ok
     losers = []
     votes = {}
     for outcome in outcomes:
