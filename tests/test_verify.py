@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -782,6 +783,39 @@ class ZEOTests(VerifyTestBase):
         planted = c2.tpc_finish(txn)
         report = verify_storages(clients, blobs=False)
         self.assertDivergence(report, 'b2', planted, 'extra transaction')
+
+
+    def test_a_frozen_backend_fails_the_check_within_the_deadline(self):
+        servers = start_backends(self.tmp, 2)
+        self.addCleanup(stop_all, servers)
+        raid = RAIDStorage(
+            'raid', [('b%d' % i, s.opener()) for i, s in
+                     enumerate(servers, 1)], timeout=1.5)
+        db = ZODB.DB(raid)
+        self.addCleanup(db.close)
+        populate(db, blobs=False)
+        frozen = servers[1].process.pid
+        os.kill(frozen, signal.SIGSTOP)
+        resumed = []
+
+        def resume():
+            if not resumed:
+                resumed.append(True)
+                os.kill(frozen, signal.SIGCONT)
+        self.addCleanup(resume)
+        started = time.monotonic()
+        with self.assertRaises(CannotVerify) as caught:
+            verify_raid(raid)
+        elapsed = time.monotonic() - started
+        message = str(caught.exception)
+        self.assertIn('storage b2', message)
+        self.assertIn('no answer within 1.5s', message)
+        self.assertEqual(len(message.splitlines()), 1)
+        self.assertLess(elapsed, 5)
+        # Once the backend answers again, the check goes through.
+        resume()
+        report = verify_raid(raid)
+        self.assertTrue(report.identical, report.summary())
 
 
 class CommandLineTests(VerifyTestBase):

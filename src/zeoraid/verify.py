@@ -36,8 +36,11 @@ from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
+from zeoraid.backend import SerialWorker
 from zeoraid.backend import authoritative_last_tid
 from zeoraid.backend import close_iterator
+from zeoraid.backend import wait_for
+from zeoraid.errors import BackendTimeout
 from zeoraid.errors import RAIDError
 from zeoraid.recovery import RateLimiter
 from zeoraid.recovery import describe
@@ -60,6 +63,10 @@ KINDS = (
 )
 
 BLOB_CHUNK = 1 << 20
+
+#: Online, reading and hashing one blob may take this long (seconds) at
+#: least, whatever the RAID's own timeout.
+BLOB_TIMEOUT = 60
 
 
 class CannotVerify(RAIDError):
@@ -241,7 +248,8 @@ def _short(digest):
 
 
 class _Verifier:
-    def __init__(self, storages, algorithm, blobs, limiter, progress):
+    def __init__(self, storages, algorithm, blobs, limiter, progress,
+                 timeout=None):
         self.storages = storages
         self.names = list(storages)
         self.reference = self.names[0]
@@ -249,16 +257,44 @@ class _Verifier:
         self.blobs = blobs
         self.limiter = limiter
         self.progress = progress
+        self.timeout = timeout
+        self.workers = {}        # name -> SerialWorker (with a timeout)
+        self.hung = set()        # storages that missed the deadline
 
-    def call(self, name, fn, *args):
-        """Run a storage call; a failure means 'cannot check', not 'differ'."""
+    def call(self, name, fn, *args, timeout=None):
+        """Run a storage call; a failure means 'cannot check', not 'differ'.
+
+        With a timeout (online, on a RAID's backends) the call runs in the
+        storage's own thread and a storage that does not answer in time
+        fails the check instead of holding it forever.
+        """
         try:
-            return fn(*args)
+            if self.timeout is None:
+                return fn(*args)
+            if name in self.hung:
+                raise CannotVerify('cannot check: storage %s did not answer '
+                                   'in time' % name)
+            worker = self.workers.get(name)
+            if worker is None:
+                worker = self.workers[name] = SerialWorker(
+                    'zeoraid-verify-%s' % name)
+            future = worker.submit(fn, *args)
+            try:
+                return wait_for(future, timeout or self.timeout,
+                                'storage %s' % name)
+            except BackendTimeout:
+                self.hung.add(name)
+                raise
         except CannotVerify:
             raise
         except Exception as exc:
             raise CannotVerify('cannot check: storage %s failed: %s'
                                % (name, describe(exc))) from exc
+
+    def close(self):
+        """End the storages' threads (a hung one ends when its call does)."""
+        for worker in self.workers.values():
+            worker.shutdown()
 
     def next_txn(self, name, iterator):
         def read():
@@ -301,8 +337,12 @@ class _Verifier:
                 heads = {name: self.next_txn(name, it)
                          for name, it in iterators.items()}
         finally:
-            for iterator in iterators.values():
-                close_iterator(iterator)
+            for name, iterator in iterators.items():
+                if name not in self.hung:
+                    try:
+                        self.call(name, close_iterator, iterator)
+                    except CannotVerify:
+                        pass        # it missed the deadline closing
 
     def _presence(self, heads, tid):
         holders = [n for n in self.names
@@ -412,7 +452,12 @@ class _Verifier:
                         break
                     h.update(chunk)
             return h.hexdigest()
-        return self.call(name, digest)
+        return self.call(name, digest, timeout=self.blob_timeout)
+
+    @property
+    def blob_timeout(self):
+        """Blobs are downloaded and hashed: at least a minute."""
+        return max(self.timeout, BLOB_TIMEOUT) if self.timeout else None
 
     # -- beyond the common tid -------------------------------------------
 
@@ -461,7 +506,7 @@ class _Verifier:
 def verify_storages(storages, start=None, stop=None, since=None, rate=0,
                     blobs=True, progress=None, expect_tid=None, lagging=(),
                     check_tail=True, algorithm='sha256',
-                    clock=time.monotonic, sleep=time.sleep):
+                    clock=time.monotonic, sleep=time.sleep, timeout=None):
     """Compare storages transaction by transaction; return a Report.
 
     storages: {name: opened storage}; the first one is the reference that
@@ -475,6 +520,10 @@ def verify_storages(storages, start=None, stop=None, since=None, rate=0,
     (a RAID's lastTransaction, read before this call); default: the
     highest last tid of the storages, right for storages nobody writes to.
     check_tail=False skips that check (storages being written by others).
+
+    timeout: seconds each storage call may take (blobs: at least
+    BLOB_TIMEOUT); a storage that misses it makes the check fail with
+    CannotVerify. None (offline files): no deadline.
 
     Raises CannotVerify (with a one-line message) when the check cannot be
     done: fewer than two storages, a storage failing or lacking blobs.
@@ -497,42 +546,47 @@ def verify_storages(storages, start=None, stop=None, since=None, rate=0,
     report.lagging = [n for n in storages if n in lagging]
     verifier = _Verifier(storages, algorithm, blobs,
                          RateLimiter(rate, clock=clock, sleep=sleep),
-                         progress)
-    lasts = {name: verifier.call(name, authoritative_last_tid, storage)
-             for name, storage in storages.items()}
-    report.lasts = lasts
-    upto = min(lasts.values())
-    if stop is not None:
-        upto = min(upto, stop)
-    report.upto = upto
-    target = expect_tid if expect_tid is not None else max(lasts.values())
-    if stop is not None:
-        target = min(target, stop)
-    report.target = target
-    logger.info('verify %s: from %s up to common tid %s', ', '.join(
-        storages), tid_hex(start) or 'the start', tid_hex(upto))
-    first = start or z64
-    divergence = None
-    if upto != z64 and upto >= first:
-        divergence = verifier.compare_range(report, first, upto)
-    if divergence is None and check_tail:
-        divergence = verifier.check_tail(
-            lasts, target, expect_tid is not None, lagging)
-    report.blobs = verifier.blob_count
-    report.divergence = divergence
-    if divergence is None:
-        # Everything up to `upto` was compared: the next incremental check
-        # continues after it (or after `since` if nothing was new).
+                         progress, timeout)
+    try:
+        lasts = {name: verifier.call(name, authoritative_last_tid, storage)
+                 for name, storage in storages.items()}
+        report.lasts = lasts
+        upto = min(lasts.values())
+        if stop is not None:
+            upto = min(upto, stop)
+        report.upto = upto
+        target = (expect_tid if expect_tid is not None
+                  else max(lasts.values()))
+        if stop is not None:
+            target = min(target, stop)
+        report.target = target
+        logger.info('verify %s: from %s up to common tid %s', ', '.join(
+            storages), tid_hex(start) or 'the start', tid_hex(upto))
+        first = start or z64
+        divergence = None
         if upto != z64 and upto >= first:
-            report.last_tid = upto
-        elif since is not None:
-            report.last_tid = since
-    report.seconds = clock() - started
-    if divergence is None:
-        logger.info('verify: %s', report.summary())
-    else:
-        logger.warning('verify: %s', report.summary())
-    return report
+            divergence = verifier.compare_range(report, first, upto)
+        if divergence is None and check_tail:
+            divergence = verifier.check_tail(
+                lasts, target, expect_tid is not None, lagging)
+        report.blobs = verifier.blob_count
+        report.divergence = divergence
+        if divergence is None:
+            # Everything up to `upto` was compared: the next incremental
+            # check continues after it (or after `since` if nothing was
+            # new).
+            if upto != z64 and upto >= first:
+                report.last_tid = upto
+            elif since is not None:
+                report.last_tid = since
+        report.seconds = clock() - started
+        if divergence is None:
+            logger.info('verify: %s', report.summary())
+        else:
+            logger.warning('verify: %s', report.summary())
+        return report
+    finally:
+        verifier.close()
 
 
 def verify_raid(raid, **kw):
@@ -543,6 +597,9 @@ def verify_raid(raid, **kw):
     backend still optimal afterwards had finished that commit, so it must
     have reached it; recovering backends are allowed to lag (only their
     common prefix is compared).
+
+    Every backend call has the RAID's timeout: a hung backend fails the
+    check (CannotVerify) instead of holding it.
     """
     expect = raid.lastTransaction()
     details = raid.raid_details()
@@ -566,6 +623,7 @@ def verify_raid(raid, **kw):
                           for n, d in sorted(details.items()))))
     kw.setdefault('expect_tid', expect)
     kw.setdefault('lagging', recovering)
+    kw.setdefault('timeout', raid.timeout)
     return verify_storages(storages, **kw)
 
 
