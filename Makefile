@@ -13,6 +13,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.zeoraid-installed
+BENCH_STAMP := $(VENV)/.zeoraid-bench-installed
 ARGS   ?=
 
 # The stamp is redone when the packaging metadata changes.
@@ -39,7 +40,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zeoraid-demo $(ARGS)
 
-bench: $(STAMP)
+# The chart needs matplotlib; without it the benchmark still runs and says
+# so (the install is tried again on the next make bench).
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --progress-bar off -e '.[test,bench]' && touch $@ || \
+	  echo "matplotlib could not be installed: the benchmark runs without its chart" >&2
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:

@@ -26,6 +26,8 @@ setup(
     extras_require={
         'test': ['zope.testrunner', 'zope.testing'],
         'recipe': ['zc.buildout', 'zc.recipe.egg'],
+        # the benchmark's chart (make bench installs it)
+        'bench': ['matplotlib'],
     },
     entry_points={
         'zc.buildout': [
