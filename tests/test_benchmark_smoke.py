@@ -138,3 +138,35 @@ class BenchmarkSmokeTests(unittest.TestCase):
             self.assertTrue(os.path.exists(self.stem + '.png'))
         else:
             self.assertIn('matplotlib is not installed', self.output)
+
+
+class ABSmokeTests(unittest.TestCase):
+    """benchmarks/ab.py: this checkout against a git revision, one round."""
+
+    def test_ab_against_head(self):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, 'benchmarks', 'ab.py'),
+             '--base', 'HEAD', '--backends', '1', '--rounds', '1',
+             '--duration', '0.3'],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+        output = output.decode('utf-8', 'replace')
+        self.assertEqual(process.returncode, 0, output[-3000:])
+        for server in ('A-raid1', 'B-raid1', 'zeo'):
+            self.assertRegex(output, r'\| %s \| [0-9.]+ \| [0-9.]+ \| '
+                                     r'[0-9.]+ \| [0-9]+ \|' % server)
+
+    def test_unknown_revision_is_one_line(self):
+        process = subprocess.run(
+            [sys.executable, os.path.join(ROOT, 'benchmarks', 'ab.py'),
+             '--base', 'no-such-revision'],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(process.returncode, 0)
+        self.assertEqual(len(process.stderr.strip().splitlines()), 1,
+                         process.stderr)
+        self.assertIn('ab: cannot export no-such-revision', process.stderr)
