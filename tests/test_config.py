@@ -4,6 +4,7 @@ A configuration is the operator's interface: valid ones must open a
 working RAID (as a storage and inside a client's ``<zodb>``), invalid
 ones must fail with a message that names the problem.
 """
+import io
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from zeoraid.storage import RAIDStorage
 CONFIG_ERRORS = (ZConfig.ConfigurationError, RAIDError, ValueError)
 
 
-class ConfigTests(unittest.TestCase):
+class ConfigTestBase(unittest.TestCase):
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix='zeoraid-config-')
@@ -72,6 +73,9 @@ class ConfigTests(unittest.TestCase):
                             'error message %r does not match %r'
                             % (message, pattern))
         return message
+
+
+class ConfigTests(ConfigTestBase):
 
     # -- valid configurations ------------------------------------------------
 
@@ -259,5 +263,79 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(raid.raid_status(), 'optimal')
 
 
+class ReloadSettingsTests(ConfigTestBase):
+    """raid_reload with backend lists parsed from configuration text: a
+    backend kept by name whose section changed is replaced."""
+
+    def backends_of(self, text):
+        config, _ = ZConfig.loadConfigFile(ZODB.config.getStorageSchema(),
+                                           io.StringIO(text))
+        return config.storage.backends
+
+    def two(self, b2='b2'):
+        return self.raid_config(
+            self.filestorage('b1') + '\n'
+            + self.filestorage(b2).replace('<filestorage %s>' % b2,
+                                           '<filestorage b2>'))
+
+    def commit(self, db, key, value):
+        with db.transaction() as conn:
+            conn.root()[key] = value
+
+    def test_settings_compare_across_parses(self):
+        first = dict(self.backends_of(self.two()))
+        again = dict(self.backends_of(self.two()))
+        moved = dict(self.backends_of(self.two(b2='b2-moved')))
+        self.assertEqual(first['b1'].settings, again['b1'].settings)
+        self.assertEqual(first['b2'].settings, again['b2'].settings)
+        self.assertEqual(first['b1'].settings, moved['b1'].settings)
+        self.assertNotEqual(first['b2'].settings, moved['b2'].settings)
+
+    def test_changed_backend_is_replaced_and_recovered(self):
+        from tests.test_recovery import wait_recovery
+        raid = self.open_storage(self.two())
+        db = ZODB.DB(raid)
+        self.commit(db, 'a', 1)
+        # The same configuration again: nothing to do.
+        diff = raid.raid_reload(self.backends_of(self.two()))
+        self.assertEqual((diff['kept'], diff['changed']), (['b1', 'b2'], []))
+        # b2 now points to another (empty) file.
+        moved = self.backends_of(self.two(b2='b2-moved'))
+        diff = raid.raid_reload(moved, dry_run=True)
+        self.assertEqual((diff['kept'], diff['changed']), (['b1'], ['b2']))
+        self.assertEqual(raid.raid_status(), 'optimal')
+        diff = raid.raid_reload(moved)
+        self.assertEqual(diff['changed'], ['b2'])
+        self.assertEqual(sorted(raid.raid_details()), ['b1', 'b2'])
+        info = raid.raid_details()['b2']
+        self.assertEqual(info['state'], 'degraded')
+        self.assertIn('settings changed by reload', info['reason'])
+        self.assertEqual(raid.raid_backend_storage('b2')._file_name,
+                         self.path('b2-moved.fs'))
+        self.commit(db, 'b', 2)         # served by b1 meanwhile
+        raid.raid_recover('b2')
+        wait_recovery(self, raid)
+        self.assertEqual(raid.raid_status(), 'optimal', raid.raid_details())
+        assert_replicas_identical(raid)
+        db.close()
+
+    def test_no_optimal_backend_left_unchanged_is_refused(self):
+        raid = self.open_storage(self.two())
+        raid.raid_disable('b2')
+        text = self.raid_config(
+            self.filestorage('b1-moved').replace('<filestorage b1-moved>',
+                                                 '<filestorage b1>')
+            + '\n' + self.filestorage('b2'))
+        with self.assertRaises(RAIDError) as caught:
+            raid.raid_reload(self.backends_of(text))
+        self.assertIn('no optimal backend would remain', str(caught.exception))
+        self.assertIn('settings changed: b1', str(caught.exception))
+        self.assertEqual(raid.raid_details()['b1']['state'], 'optimal')
+
+
 def test_suite():
-    return unittest.defaultTestLoader.loadTestsFromTestCase(ConfigTests)
+    loader = unittest.defaultTestLoader
+    return unittest.TestSuite([
+        loader.loadTestsFromTestCase(ConfigTests),
+        loader.loadTestsFromTestCase(ReloadSettingsTests),
+    ])

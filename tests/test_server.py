@@ -447,6 +447,36 @@ class ServerTests(ServerTestBase):
         # still serving
         self.commit(self.db(), 'b', 2)
 
+    def test_reload_replaces_a_backend_whose_address_changed(self):
+        db = self.db()
+        self.commit(db, 'a', 1)
+        # b2 moves to the third (empty) backend server.
+        moved = [('b1', self.backends[0].addr), ('b2', self.backends[2].addr)]
+        self.server.write_config(moved)
+        r = self.server.manager('reload', '--dry-run')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn('would replace (settings changed): b2', r.stdout)
+        self.assertIn('would keep: b1', r.stdout)
+        self.assertEqual(details(self.server)['backends']['b2']['state'],
+                         'optimal')
+        r = self.server.manager('--json', 'reload')
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        diff = json.loads(r.stdout)['result']
+        self.assertEqual((diff['changed'], diff['kept'], diff['added']),
+                         (['b2'], ['b1'], []))
+        info = details(self.server)['backends']['b2']
+        self.assertEqual(info['state'], 'degraded')
+        self.assertIn('settings changed by reload', info['reason'])
+        self.commit(db, 'b', 2)
+        r = self.server.manager('recover', 'b2', '--wait', '--interval',
+                                '0.1')
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual(self.server.manager('status').returncode, 0)
+        # The new server (now b2) holds the whole history, as b1 does.
+        r = self.server.manager('verify')
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn('IDENTICAL', r.stdout)
+
     def test_slow_reload_does_not_block_zeo_clients(self):
         # b3 accepts TCP connections but never speaks ZEO: opening it
         # hangs until the RAID's timeout (5s), in the admin thread.

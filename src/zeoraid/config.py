@@ -1,4 +1,5 @@
 """ZConfig datatypes for `%import zeoraid` and `<raidstorage>`."""
+import ZConfig.matcher
 import ZODB.config
 
 from zeoraid import ioloop
@@ -36,8 +37,48 @@ def backend_openers(section):
     if duplicates:
         raise ValueError('<raidstorage %s>: duplicate backend names: %s'
                          % (section.getSectionName(), ', '.join(duplicates)))
-    return [(s.name, ioloop.opener(s, section.shared_backend_io))
+    return [(s.name, SectionOpener(s, section.shared_backend_io))
             for s in storages]
+
+
+class SectionOpener:
+    """Opens one backend section; `settings` says how it is configured.
+
+    reload compares the settings of a backend it keeps (same name) with
+    the new configuration's: a backend whose settings changed is
+    replaced (opened again with the new ones).
+    """
+
+    def __init__(self, section, shared_backend_io):
+        self._open = ioloop.opener(section, shared_backend_io)
+        self.settings = section_settings(section)
+
+    def __call__(self):
+        return self._open()
+
+
+def section_settings(section):
+    """A comparable form of a storage section and everything in it."""
+    return (type(section).__name__, _comparable(section.config))
+
+
+def _comparable(value):
+    if isinstance(value, ZConfig.matcher.SectionValue):
+        return (value.getSectionType(), tuple(sorted(
+            (key, _comparable(item)) for key, item in vars(value).items()
+            if not key.startswith('_'))))
+    if isinstance(value, ZODB.config.BaseConfig):    # a nested section
+        return section_settings(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((repr(k), _comparable(v))
+                            for k, v in value.items()))
+    if value is None or isinstance(value, (str, bytes, int, float)):
+        return value
+    if hasattr(value, '__dict__'):      # e.g. a socket address datatype
+        return (type(value).__name__, _comparable(vars(value)))
+    return repr(value)
 
 
 class RAIDStorageConfig(ZODB.config.BaseConfig):

@@ -431,7 +431,8 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
             return
         for diff in diffs:
             log('reloaded storage %(storage)r: added %(added)s, removed'
-                ' %(removed)s, kept %(kept)s' % diff)
+                ' %(removed)s, replaced (settings changed) %(changed)s,'
+                ' kept %(kept)s' % diff)
 
     # pid file: always written, even for a read-only server
 
@@ -469,8 +470,9 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
         name: one served RAID storage, or None for all of them (SIGHUP).
         Returns the diff of that storage, or a list of diffs for all.
         Nothing changes unless the file parses and every RAID accepts its
-        new backend list in a dry run first.  Only backend lists are
-        reloaded; other changed settings need a restart.
+        new backend list in a dry run first.  Only backend sections are
+        reloaded (a kept backend whose section changed is replaced); other
+        changed settings need a restart.
         """
         with self._reload_lock:
             configfile = self.options.configfile
@@ -511,8 +513,10 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
                 diff = dict(diffs[target])
                 diff.update(storage=target, dry_run=bool(dry_run))
                 if not dry_run:
-                    log('reload of storage %r: added %s, removed %s'
-                        % (target, diff.get('added'), diff.get('removed')))
+                    log('reload of storage %r: added %s, removed %s, '
+                        'replaced (settings changed) %s'
+                        % (target, diff.get('added'), diff.get('removed'),
+                           diff.get('changed')))
                 results.append(diff)
             return results[0] if name is not None else results
 

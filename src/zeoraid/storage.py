@@ -67,6 +67,17 @@ OPTIONAL_INTERFACES = (
 )
 
 
+def _settings_changed(old_opener, new_opener):
+    """Do two backend openers have different settings (reload)?
+
+    Only openers from a configuration (config.SectionOpener) carry
+    settings; others (in-process openers) are taken as unchanged.
+    """
+    old = getattr(old_opener, 'settings', None)
+    new = getattr(new_opener, 'settings', None)
+    return old is not None and new is not None and old != new
+
+
 def _identity(data):
     return data
 
@@ -1059,43 +1070,60 @@ class RAIDStorage:
         return 'backend %s of RAID %s disabled' % (name, self._name)
 
     def raid_reload(self, backends, dry_run=False):
-        """Change the set of backends: new ones join degraded."""
+        """Change the set of backends: new ones join degraded.
+
+        A backend kept by name whose settings changed (both openers carry
+        `settings`, config.SectionOpener) is replaced: closed, opened with
+        the new settings, and degraded until it is recovered (its new
+        address may be another server: recovery checks its history).
+        """
         wanted = [n for n, _ in backends]
         if len(set(wanted)) != len(wanted):
             raise RAIDError('reload: duplicate backend names')
         if not wanted:
             raise RAIDError('reload: a RAID needs at least one backend')
+        openers = dict(backends)
         current = {b.name: b for b in self._backends}
         added = [n for n in wanted if n not in current]
         removed = [n for n in current if n not in wanted]
-        kept = [n for n in wanted if n in current]
+        changed = [n for n in wanted if n in current
+                   and _settings_changed(current[n].opener, openers[n])]
+        kept = [n for n in wanted if n in current and n not in changed]
         if not any(current[n].optimal for n in kept):
             raise RAIDError(
                 'reload refused: no optimal backend would remain '
-                '(kept: %s)' % (', '.join(kept) or 'none'))
-        diff = {'added': added, 'removed': removed, 'kept': kept}
-        if dry_run or not (added or removed):
+                '(kept: %s%s)' % (', '.join(kept) or 'none', (
+                    '; settings changed: %s' % ', '.join(changed))
+                    if changed else ''))
+        diff = {'added': added, 'removed': removed, 'kept': kept,
+                'changed': changed}
+        if dry_run or not (added or removed or changed):
             return diff
-        openers = dict(backends)
-        new = [Backend(n, openers[n], self._name) for n in added]
+        new = [Backend(n, openers[n], self._name) for n in added + changed]
         self._open_backends(new)
         if not self._commit_lock.acquire(timeout=self.timeout):
             for backend in new:
                 backend.close(self.timeout)
             raise RAIDError('reload refused: a transaction did not end '
                             'within %gs' % self.timeout)
+        replacing = {b.name: b for b in new if b.name in changed}
         try:
             for backend in new:
                 if backend.storage is not None:
-                    backend.set_state(DEGRADED,
-                                      'added by reload, needs recovery')
-            self._backends = [b for b in self._backends
-                              if b.name not in removed] + new
+                    backend.set_state(DEGRADED, (
+                        'settings changed by reload, needs recovery'
+                        if backend.name in replacing else
+                        'added by reload, needs recovery'))
+            self._backends = [
+                replacing.get(b.name, b) for b in self._backends
+                if b.name not in removed] + [
+                b for b in new if b.name not in replacing]
         finally:
             self._commit_lock.release()
-        for name in removed:
-            logger.warning('raid=%s backend=%s removed by reload',
-                           self._name, name)
+        for name in removed + changed:
+            logger.warning('raid=%s backend=%s %s by reload', self._name,
+                           name, 'replaced (settings changed)'
+                           if name in replacing else 'removed')
             current[name].close(self.timeout)
         return diff
 

@@ -399,16 +399,19 @@ def cmd_disable(ctx):
 
 
 def _render_diff(diff):
-    names = {key: ', '.join(diff.get(key) or []) or '-'
-             for key in ('added', 'removed', 'kept')}
+    keys = ('added', 'removed', 'changed', 'kept')
+    names = {key: ', '.join(diff.get(key) or []) or '-' for key in keys}
+    labels = {'added': 'add', 'removed': 'remove',
+              'changed': 'replace (settings changed)', 'kept': 'keep'}
     if diff.get('dry_run'):
-        return ('RAID %s reload (dry run, nothing changed)\n'
-                '  would add: %s\n  would remove: %s\n  would keep: %s'
-                % (diff.get('storage'), names['added'], names['removed'],
-                   names['kept']))
-    return ('RAID %s reloaded\n  added: %s\n  removed: %s\n  kept: %s'
-            % (diff.get('storage'), names['added'], names['removed'],
-               names['kept']))
+        return 'RAID %s reload (dry run, nothing changed)\n%s' % (
+            diff.get('storage'), '\n'.join(
+                '  would %s: %s' % (labels[key], names[key])
+                for key in keys))
+    done = {'added': 'added', 'removed': 'removed',
+            'changed': 'replaced (settings changed)', 'kept': 'kept'}
+    return 'RAID %s reloaded\n%s' % (diff.get('storage'), '\n'.join(
+        '  %s: %s' % (done[key], names[key]) for key in keys))
 
 
 def cmd_reload(ctx):
