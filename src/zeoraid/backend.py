@@ -243,6 +243,7 @@ class Backend:
         self.read_latency = 0.0      # moving average of read calls (s)
         self.reads_in_flight = 0
         self.failures = collections.deque(maxlen=32)  # when it degraded
+        self.on_change = None        # called with self after set_state
 
     def __repr__(self):
         return '<Backend %s %s>' % (self.name, self.state)
@@ -364,6 +365,12 @@ class Backend:
                    'reason=%s', self.raid_name, self.name, state, old,
                    self.last_tid.hex() if self.last_tid else '-',
                    reason or '-')
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:
+                logger.exception('raid=%s backend=%s: after a state change',
+                                 self.raid_name, self.name)
         return True
 
     def degrade(self, reason):

@@ -113,4 +113,5 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
             recovery_byte_rate=c.recovery_byte_rate,
             server_id=c.server_id, auto_recover=c.auto_recover,
             auto_recover_hold_down=c.auto_recover_hold_down,
-            auto_recover_max_flaps=c.auto_recover_max_flaps)
+            auto_recover_max_flaps=c.auto_recover_max_flaps,
+            state_file=c.state_file)

@@ -47,6 +47,8 @@ from zeoraid.backend import is_client_storage
 from zeoraid.commit import BlobPlacement
 from zeoraid.commit import Commit
 from zeoraid.errors import RAIDError
+from zeoraid.statefile import NOT_TRUSTED
+from zeoraid.statefile import StateFile
 from zeoraid.errors import RAIDFailedError
 from zeoraid.stats import RAIDStats
 
@@ -90,7 +92,7 @@ class RAIDStorage:
                  shared_blob_dir=False, timeout=10.0, pack_timeout=86400.0,
                  recovery_txn_rate=0, recovery_byte_rate=0, server_id=None,
                  auto_recover=False, auto_recover_hold_down=60.0,
-                 auto_recover_max_flaps=3):
+                 auto_recover_max_flaps=3, state_file=None):
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError('cluster-mode must be one of %s, not %r'
                              % ('|'.join(CLUSTER_MODES), cluster_mode))
@@ -145,6 +147,9 @@ class RAIDStorage:
         self.stats = RAIDStats()
         self._blobs = BlobPlacement(blob_dir, shared_blob_dir)
         self._blob_dir = blob_dir
+        self._state_file = (StateFile(state_file, name)
+                            if state_file else None)
+        recorded = self._state_file.load() if self._state_file else {}
         self._backends = [Backend(n, opener, name) for n, opener in backends]
         self._open_backends(self._backends)
         for backend in self._backends:
@@ -152,7 +157,9 @@ class RAIDStorage:
                 backend.set_state(OPTIMAL, None)
         self._check_blob_settings()
         self._declare_interfaces()
+        self._distrust_recorded(recorded)
         self._set_start_state()
+        self._watch_states(self._backends)
         # _recent_tids holds the commits after this tid, no older ones.
         self._recent_floor = self._ltid
         self._auto_recover = None
@@ -237,6 +244,41 @@ class RAIDStorage:
                 provided.append(ZODB.interfaces.IBlobStorageRestoreable)
         self._provided = provided
         zope.interface.directlyProvides(self, *provided)
+
+    def _distrust_recorded(self, recorded):
+        """Backends the state file has as degraded or recovering start
+        degraded, however current they are (a recovery checks them).
+
+        If that would leave no working backend, the file is not followed
+        (a RAID that failed as a whole comes back by last tids).
+        """
+        distrusted = [b for b in self._optimal()
+                      if recorded.get(b.name, {}).get('state') in NOT_TRUSTED]
+        if not distrusted:
+            return
+        if len(distrusted) == len(self._optimal()):
+            logger.warning(
+                'raid=%s the state file %s has every working backend '
+                'degraded; judging them by their last tids', self._name,
+                self._state_file.path)
+            return
+        for backend in distrusted:
+            entry = recorded[backend.name]
+            self._degrade(backend, '%s before the restart: %s' % (
+                entry['state'], entry.get('reason') or 'no reason recorded'),
+                check=False)
+
+    def _watch_states(self, backends):
+        """Write the state file now and at every state change."""
+        if self._state_file is None:
+            return
+        for backend in backends:
+            backend.on_change = self._state_changed
+        self._state_file.save(self._backends)
+
+    def _state_changed(self, backend):
+        if not self._closed:    # closing connections is no judgement
+            self._state_file.save(self._backends)
 
     def _set_start_state(self):
         """Degrade lagging backends; seed tid and oid from the newest."""
@@ -1120,6 +1162,7 @@ class RAIDStorage:
                 b for b in new if b.name not in replacing]
         finally:
             self._commit_lock.release()
+        self._watch_states(new)
         for name in removed + changed:
             logger.warning('raid=%s backend=%s %s by reload', self._name,
                            name, 'replaced (settings changed)'
