@@ -90,13 +90,29 @@ class StateFileTests(unittest.TestCase):
         raid = self.open_raid()
         info = raid.raid_details()['b2']
         self.assertEqual(info['state'], 'degraded')
-        self.assertEqual(info['reason'], 'degraded before the restart: '
-                                         'disabled by operator')
+        self.assertEqual(info['reason'], 'disabled by operator '
+                                         '(degraded before the restart)')
         self.assertEqual(raid.raid_status(), 'degraded')
         raid.close()
         # Without a state file only the last tids count (the old rule).
         self.assertEqual(self.states(self.open_raid(state_file=False)),
                          {'b1': 'optimal', 'b2': 'optimal'})
+
+    def test_auto_recover_still_leaves_an_operators_disable_alone(self):
+        raid = self.open_raid()
+        raid.raid_disable('b2')
+        raid.close()
+        openers = [(name, lambda name=name: FileStorage(
+            os.path.join(self.tmp, name + '.fs'))) for name in ('b1', 'b2')]
+        raid = RAIDStorage('raid', openers, timeout=10,
+                           state_file=self.state, auto_recover=True,
+                           auto_recover_hold_down=0)
+        self.addCleanup(raid.close)
+        raid._auto_recover.stop()
+        for _ in range(3):
+            raid._auto_recover.check()
+        self.assertIsNone(raid.raid_recovery())
+        self.assertEqual(self.states(raid)['b2'], 'degraded')
 
     def test_a_recovery_makes_it_optimal_for_good(self):
         raid = self.open_raid()
@@ -126,8 +142,8 @@ class StateFileTests(unittest.TestCase):
                                  'reason': 'recovery from b1'}})
         info = self.open_raid().raid_details()['b2']
         self.assertEqual(info['state'], 'degraded')
-        self.assertEqual(info['reason'], 'recovering before the restart: '
-                                         'recovery from b1')
+        self.assertEqual(info['reason'], 'recovery from b1 '
+                                         '(recovering before the restart)')
 
     def test_every_backend_recorded_degraded_is_not_followed(self):
         self.open_raid(state_file=False).close()

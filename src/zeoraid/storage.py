@@ -264,9 +264,11 @@ class RAIDStorage:
             return
         for backend in distrusted:
             entry = recorded[backend.name]
-            self._degrade(backend, '%s before the restart: %s' % (
-                entry['state'], entry.get('reason') or 'no reason recorded'),
-                check=False)
+            # The old reason first: auto-recover reads it (an operator's
+            # disable, a diverged backend are left alone).
+            self._degrade(backend, '%s (%s before the restart)' % (
+                entry.get('reason') or 'no reason recorded',
+                entry['state']), check=False)
 
     def _watch_states(self, backends):
         """Write the state file now and at every state change."""
