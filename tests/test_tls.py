@@ -10,6 +10,7 @@ are opened as written, with their %define lines replaced.
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -355,3 +356,89 @@ class TLSTests(unittest.TestCase):
                              r' previous=degraded( last_tid=\S+)? reason=open'
                              r' failed: ClientDisconnected' % backend)
         self.assertIn('no working backend', proc.stderr + log)
+
+    # -- the TCP admin endpoint with <admin-ssl>: TLS, client certificates
+    #    signed by the configured CA, and the token
+
+    def admin_config(self, directory, port, token_file, ssl=True):
+        cert, key = self.certs['zeoraid-server']
+        section = ('<zeoraid>\n  admin-socket %s\n'
+                   '  admin-address 127.0.0.1:%d\n  admin-token-file %s\n'
+                   % (os.path.join(directory, 'zeoraid.admin.sock'), port,
+                      token_file))
+        if ssl:
+            section += ('  <admin-ssl>\n    certificate %s\n    key %s\n'
+                        '    authenticate %s\n  </admin-ssl>\n'
+                        % (cert, key, self.certs['ca']))
+        section += '</zeoraid>'
+        return re.sub(r'<zeoraid>.*?</zeoraid>', lambda m: section,
+                      self.production_config(directory), flags=re.S)
+
+    def token(self, directory):
+        token_file = os.path.join(directory, 'admin.token')
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b'0123456789abcdef-admin-tls\n')
+        os.close(fd)
+        return token_file
+
+    def test_admin_over_tls_with_client_certificates(self):
+        directory = os.path.join(self.tmp, 'admin-tls')
+        os.makedirs(directory, exist_ok=True)
+        token_file = self.token(directory)
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        server = RaidServer(directory, [],
+                            eventlog=os.path.join(directory, 'zeoraid.log'))
+        self.server = server
+        server.write_config(text=self.admin_config(directory, port,
+                                                   token_file))
+        server.start()
+        wait_until(lambda: server.admin('status')['result']['status']
+                   == 'optimal', 30, 'an optimal RAID')
+        tcp = ['--admin', '127.0.0.1:%d' % port, '--token-file', token_file]
+        cert, key = self.certs['app-client']
+        r = server.manager(*tcp, '--tls-ca', self.certs['ca'],
+                           '--tls-cert', cert, '--tls-key', key, 'status')
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn('OPTIMAL', r.stdout)
+        # No client certificate, or no TLS at all: refused, one line.
+        for extra in (['--tls-ca', self.certs['ca']], []):
+            r = server.manager(*tcp, *extra, 'status')
+            self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+            self.assertEqual(len(r.stdout.strip().splitlines()), 1,
+                             r.stdout)
+            self.assertIn('RAID UNKNOWN', r.stdout)
+        wait_until(lambda: 'admin TLS connection from 127.0.0.1 refused'
+                   in server.log(), 10, 'the refusal in the log')
+        # A server certificate the client does not trust: refused too.
+        r = server.manager(*tcp, '--tls-ca', cert, '--tls-cert', cert,
+                           '--tls-key', key, 'details')
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertIn('CERTIFICATE_VERIFY_FAILED', r.stderr)
+        # Bad TLS options: one line, exit 3.
+        r = server.manager(*tcp, '--tls-key', key, 'details')
+        self.assertEqual(r.returncode, 3)
+        self.assertIn('--tls-key needs --tls-cert', r.stderr)
+        r = server.manager(*tcp, '--tls-ca', os.path.join(directory, 'no'),
+                           'details')
+        self.assertEqual(r.returncode, 3)
+        self.assertIn('cannot load the TLS files', r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        # The server went on serving.
+        self.assertEqual(server.admin('status')['result']['status'],
+                         'optimal')
+
+    def test_admin_ssl_needs_an_admin_address_and_a_ca(self):
+        directory = os.path.join(self.tmp, 'admin-tls-bad')
+        os.makedirs(directory, exist_ok=True)
+        token_file = self.token(directory)
+        text = self.admin_config(directory, 1, token_file)
+        self.assertStartupError(
+            text.replace('  admin-address 127.0.0.1:1\n', '').replace(
+                '  admin-token-file %s\n' % token_file, ''),
+            '<admin-ssl> needs an admin TCP address')
+        self.assertStartupError(
+            text.replace('    authenticate %s\n' % self.certs['ca'], ''),
+            'authenticate')

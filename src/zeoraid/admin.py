@@ -3,7 +3,8 @@
 ZEO 6 has no extension methods, and management must not be open to every
 database client anyway.  So the zeoraid server listens on a separate
 admin endpoint: a unix-domain socket created owner-only (mode 0600) and,
-optionally, a TCP address guarded by a shared-secret token.  The protocol
+optionally, a TCP address guarded by a shared-secret token (and, with
+``<admin-ssl>``, TLS with client certificates).  The protocol
 is JSON lines, one request object per line, one response object per line
 (see doc/ADMIN-PROTOCOL.md)::
 
@@ -27,6 +28,7 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import stat
 import struct
 import threading
@@ -246,6 +248,13 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self):
         server = self.server
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError) as e:
+                logger.warning('admin TLS connection from %s refused: %s',
+                               self.client_address[0], one_line(e))
+                return
         if not server.admin.allowed_peer(self.connection):
             self.wfile.write(encode({'ok': False,
                                      'error': 'permission denied'}))
@@ -288,11 +297,21 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     needs_token = True
 
-    def __init__(self, address, admin):
+    def __init__(self, address, admin, tls=None):
         self.address_family = (socket.AF_INET6 if ':' in address[0]
                                else socket.AF_INET)
         socketserver.TCPServer.__init__(self, address, _Handler)
         self.admin = admin
+        self.tls = tls
+
+    def get_request(self):
+        connection, address = self.socket.accept()
+        if self.tls is not None:
+            # The handshake runs in the connection's thread (_Handler),
+            # under its idle timeout, never in the accepting one.
+            connection = self.tls.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
 
 
 def bind_unix_socket(path):
@@ -360,10 +379,14 @@ class AdminServer:
 
     service = None
 
-    def __init__(self, socket_path, tcp_address=None, token_file=None):
+    def __init__(self, socket_path, tcp_address=None, token_file=None,
+                 tls=None):
         if tcp_address is not None and token_file is None:
             raise AdminError('an admin TCP address needs a token file'
                              ' (admin-token-file)')
+        if tls is not None and tcp_address is None:
+            raise AdminError('<admin-ssl> needs an admin TCP address'
+                             ' (admin-address)')
         self.socket_path = socket_path
         self.token = read_token(token_file) if tcp_address else None
         self._uid = os.geteuid()
@@ -375,7 +398,7 @@ class AdminServer:
         self._servers.append(_UnixServer(sock, self))
         if tcp_address is not None:
             try:
-                self._servers.append(_TCPServer(tcp_address, self))
+                self._servers.append(_TCPServer(tcp_address, self, tls))
             except OSError as e:
                 self.close()
                 raise AdminError('cannot listen on admin address %s:%s: %s'

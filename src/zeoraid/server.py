@@ -123,6 +123,7 @@ class ServerSettings:
         self.admin_socket = os.path.abspath(self.admin_socket)
         self.admin_address = getattr(section, 'admin_address', None)
         self.token_file = getattr(section, 'admin_token_file', None)
+        self.admin_tls = getattr(section, 'admin_ssl', None)
         self.runner = getattr(root, 'runner', None)
         self.storage_names = [storage_name(s) for s in root.storages]
         self.raid_storage_names = [storage_name(s) for s in root.storages
@@ -185,6 +186,18 @@ def client_ssl(section):
         raise ValueError('<client-ssl>: ' + problem)
     import ZEO.zconfig
     return ZEO.zconfig.client_ssl(section)
+
+
+def admin_ssl(section):
+    """Datatype of ``<admin-ssl>``: TLS with client certificates for the
+    TCP admin endpoint (ZEO's server TLS settings, checked)."""
+    problem = check_tls_files(section.certificate, section.key,
+                              section.authenticate, server=True)
+    if problem is not None and not (section.password_function
+                                    and 'cannot be loaded' in problem):
+        raise ValueError('<admin-ssl>: ' + problem)
+    import ZEO.zconfig
+    return ZEO.zconfig.server_ssl(section)
 
 
 def tls_problem(exc):
@@ -287,7 +300,8 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
                                            self.options.configfile)
             self.admin = AdminServer(self.settings.admin_socket,
                                      self.settings.admin_address,
-                                     self.settings.token_file)
+                                     self.settings.token_file,
+                                     tls=self.settings.admin_tls)
         except AdminError as e:
             self.options.usage(str(e))
 

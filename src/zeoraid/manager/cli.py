@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -71,6 +72,16 @@ def _common_options(parser, defaults):
     parser.add_argument(
         '--token-file', metavar='FILE', default=default(None),
         help='shared-secret file for a TCP admin endpoint')
+    parser.add_argument(
+        '--tls-ca', metavar='FILE', default=default(None),
+        help='TLS to a TCP admin endpoint (<admin-ssl>): CA file that the '
+             "server's certificate must be signed by")
+    parser.add_argument(
+        '--tls-cert', metavar='FILE', default=default(None),
+        help='client certificate (PEM) for a TCP admin endpoint with TLS')
+    parser.add_argument(
+        '--tls-key', metavar='FILE', default=default(None),
+        help='private key of --tls-cert (if not in the same file)')
     parser.add_argument(
         '--timeout', type=float, metavar='SECONDS',
         default=default(DEFAULT_TIMEOUT),
@@ -214,8 +225,30 @@ class Context:
             except (OSError, UnicodeDecodeError) as e:
                 raise Failure('cannot read token file %s: %s'
                               % (token_file, e))
-        return AdminClient(address, token=token,
-                           timeout=options.timeout)
+        return AdminClient(address, token=token, timeout=options.timeout,
+                           tls=self._tls_context(address))
+
+    def _tls_context(self, address):
+        """The client TLS context for a TCP admin endpoint, or None."""
+        options = self.options
+        if not (options.tls_ca or options.tls_cert or options.tls_key):
+            return None
+        if not isinstance(address, tuple):
+            raise Failure('--tls-ca/--tls-cert/--tls-key are for a TCP admin'
+                          ' endpoint, not the unix socket %s' % address)
+        if options.tls_key and not options.tls_cert:
+            raise Failure('--tls-key needs --tls-cert')
+        try:
+            context = ssl.create_default_context(cafile=options.tls_ca)
+            if options.tls_cert:
+                context.load_cert_chain(options.tls_cert,
+                                        options.tls_key or None)
+        except (OSError, ssl.SSLError) as e:
+            raise Failure('cannot load the TLS files (%s): %s' % (
+                ', '.join(f for f in (options.tls_ca, options.tls_cert,
+                                      options.tls_key) if f),
+                ' '.join(str(e).split())))
+        return context
 
     def call(self, op, args=()):
         """Do one admin request; return the full response dict."""

@@ -40,13 +40,19 @@ def describe(address):
     return 'admin socket %s' % address
 
 
+def _reason(error):
+    """One line for a socket or TLS error."""
+    return ' '.join(str(error.strerror or error).split())
+
+
 class AdminClient:
     """Sends requests to one admin endpoint, one connection per call."""
 
-    def __init__(self, address, token=None, timeout=5.0):
+    def __init__(self, address, token=None, timeout=5.0, tls=None):
         self.address = address
         self.token = token
         self.timeout = timeout
+        self.tls = tls       # client SSLContext for a TCP endpoint
 
     def request(self, op, storage=None, args=()):
         """Send one request; return the decoded response dict."""
@@ -62,6 +68,13 @@ class AdminClient:
             if isinstance(self.address, tuple):
                 sock = socket.create_connection(self.address,
                                                 timeout=self.timeout)
+                if self.tls is not None:
+                    try:
+                        sock = self.tls.wrap_socket(
+                            sock, server_hostname=self.address[0])
+                    except BaseException:
+                        sock.close()
+                        raise
             else:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(self.timeout)
@@ -72,7 +85,7 @@ class AdminClient:
                     raise
         except OSError as e:
             raise AdminUnreachable('cannot reach %s: %s'
-                                   % (where, e.strerror or e))
+                                   % (where, _reason(e)))
         try:
             sock.sendall(line)
             data = b''
@@ -92,7 +105,7 @@ class AdminClient:
                                    % (where, self.timeout))
         except OSError as e:
             raise AdminUnreachable('connection to %s failed: %s'
-                                   % (where, e.strerror or e))
+                                   % (where, _reason(e)))
         finally:
             sock.close()
         try:
