@@ -344,6 +344,8 @@ class RecipeTests(unittest.TestCase):
             os.path.join(parts, 'zeoraid', 'zeoraid'),
             os.path.join(parts, 'zeoraid', 'zeoraid.conf')), conf)
         self.assertIn('path STDOUT', conf)
+        self.assertIn('state-file %s' % os.path.join(
+            parts, 'zeoraid', 'zeoraid-1.state'), conf)
 
         # backends, then the RAID, with the generated scripts
         self.start(os.path.join(bin, 'zeo1'))
@@ -394,6 +396,10 @@ class RecipeTests(unittest.TestCase):
             run, 'raidprod-zeoraid.admin.sock')))
         self.assertTrue(os.path.exists(os.path.join(
             log, 'raidprod-zeoraid.log')))
+        lib = os.path.join(deploy, 'var', 'lib', 'raiddemo')
+        for storage in ('main', 'other'):
+            self.assertTrue(os.path.exists(os.path.join(
+                lib, 'raidprod-zeoraid-%s.state' % storage)), os.listdir(lib))
         for storage in ('main', 'other'):
             proc = self.run_script(
                 os.path.join(bin, 'raidprod-%s-manage' % storage), 'status')

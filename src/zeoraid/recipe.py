@@ -19,15 +19,17 @@ Mirrors ``zc.zodbrecipes:server`` (see doc/DEPLOYMENT.md)::
     shell-script = false        (true: bin/PART is a /bin/sh script)
     eggs =                      (optional: more eggs for the server)
 
-It writes the server configuration (with a pid file, a ``<runner>`` and an
-``<eventlog>`` filled in where missing), a server script
+It writes the server configuration (with a pid file, a ``<runner>``, an
+``<eventlog>`` and each ``<raidstorage>``'s ``state-file`` filled in where
+missing), a server script
 ``parts/PART/zeoraid``, the control script ``bin/PART`` (start, stop,
 restart, fg, status, logtail, pid, kill, reopen_transcript: zdaemon
 through zeoraid-manager's process control) and, per ``<raidstorage>``,
 ``bin/PART-STORAGE-manage``: zeoraid-manager with ``-C`` and ``-S`` set.
 With ``deployment``, the configuration goes to the deployment's etc
 directory, pid file, admin and zdaemon sockets to its run directory, the
-transcript log to its log directory, the control script to its
+transcript log to its log directory, the state files to its lib
+directory (/var/lib/NAME), the control script to its
 rc-directory (as DEPLOYMENT-PART) and a logrotate file is written.
 """
 import io
@@ -73,6 +75,9 @@ class Server:
             for key in ('rc-directory', 'run-directory', 'log-directory',
                         'etc-directory', 'crontab-directory', 'user'):
                 options[key] = section[key]
+            # Backend states must outlive a reboot: /var/lib, not /run.
+            options['lib-directory'] = section.get(
+                'lib-directory', section['run-directory'])
             logrotate = options.get('logrotate',
                                     section.get('logrotate', ''))
             if logrotate.lower() == 'false':
@@ -83,7 +88,8 @@ class Server:
                     options['deployment-name'] + '-' + self.name)
         else:
             options['rc-directory'] = bindir
-            for key in ('run-directory', 'log-directory', 'etc-directory'):
+            for key in ('run-directory', 'log-directory', 'etc-directory',
+                        'lib-directory'):
                 options[key] = options['location']
         options['zeopack'] = os.path.join(
             bindir, options.get('zeopack', 'zeopack'))
@@ -118,6 +124,8 @@ class Server:
                                 prefix + 'zdaemon.sock'),
             transcript=os.path.join(options['log-directory'],
                                     prefix + 'zeoraid.log'),
+            state=os.path.join(options['lib-directory'],
+                               prefix + 'zeoraid-%s.state'),
             server=os.path.join(options['location'], 'zeoraid'),
             ctl=os.path.join(options['location'], 'zeoraidctl'),
             rc=os.path.join(options['rc-directory'], rc),
@@ -157,6 +165,10 @@ class Server:
                 ' section' % self.name)
         if 'pid-filename' not in zeo:
             zeo['pid-filename'] = [paths['pid']]
+        for section in conf.sections:
+            if section.type == 'raidstorage' and 'state-file' not in section:
+                section['state-file'] = [paths['state'] % (
+                    section.name or '1')]
         runner = [s for s in conf.sections if s.type == 'runner']
         if runner:
             runner = runner[0]
@@ -189,7 +201,8 @@ class Server:
         location = options['location']
         for directory in (location, options['etc-directory'],
                           options['run-directory'],
-                          options['log-directory']):
+                          options['log-directory'],
+                          options['lib-directory']):
             if not os.path.isdir(directory):
                 os.makedirs(directory)
         options.created(location)
