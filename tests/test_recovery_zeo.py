@@ -468,6 +468,67 @@ class RebuildTests(ZEORecoveryTestBase):
         self.assertEqual(total, recovery.progress.txns_copied)
         self.assertGreater(blobs, 30)
 
+    def test_migrating_an_existing_zeo_server(self):
+        """doc/OPERATION.md, "Moving an existing ZEO server behind
+        zeoraid": the RAID is put in front of a ZEO server that has years
+        of history written by ordinary clients (blobs, an undo, a pack),
+        serves it at once, and a second, empty server joins online."""
+        servers = self.start_servers(2)
+        # The existing database, written without any RAID.
+        existing = ZODB.DB(servers[0].client())
+        with existing.transaction() as conn:
+            root = conn.root()
+            root['docs'] = PersistentMapping(
+                {'doc%d' % i: 'v%d' % i for i in range(50)})
+            root['file'] = Blob(b'a blob from before zeoraid')
+        with existing.transaction() as conn:
+            # Two blobs in one transaction: the order of their records.
+            conn.root()['pair'] = PersistentMapping(
+                {'a': Blob(b'first of two'), 'b': Blob(b'second of two')})
+        for i in range(20):
+            with existing.transaction() as conn:
+                conn.root()['docs']['doc%d' % i] = 'changed %d' % i
+        undone = existing.undoLog(0, 1)[0]['id']
+        existing.undo(undone)
+        transaction.commit()
+        existing.pack(time.time() + 1)
+        with existing.transaction() as conn:
+            conn.root()['after-pack'] = 1
+        last_before = existing.storage.lastTransaction()
+        existing.close()
+
+        # zeoraid in front of it, alone: optimal, serving what is there.
+        raid = self.open_raid(servers[:1])
+        self.assertEqual(raid.raid_status(), 'optimal')
+        self.assertEqual(raid.lastTransaction(), last_before)
+        db = self.open_db(raid)
+        with db.transaction() as conn:
+            root = conn.root()
+            self.assertEqual(root['docs']['doc30'], 'v30')
+            with root['file'].open() as f:
+                self.assertEqual(f.read(), b'a blob from before zeoraid')
+            root['docs']['new'] = 'through the RAID'
+            root['file2'] = Blob(b'a blob through zeoraid')
+            root['pair2'] = PersistentMapping(
+                {'a': Blob(b'third'), 'b': Blob(b'fourth')})
+        # The second server joins by reload and is rebuilt online.
+        diff = raid.raid_reload(self.openers(servers))
+        self.assertEqual(diff['added'], ['b2'])
+        raid.raid_recover('b2')
+        wait_recovery(self, raid)
+        self.assert_done(raid, 'b2')
+        self.assertTrue(self.logged('target is empty, full rebuild'))
+        self.assert_all_identical(raid, ['b1', 'b2'])
+        # New objects do not reuse old oids; the old ones are intact.
+        with db.transaction() as conn:
+            conn.root()['more'] = PersistentMapping({'x': 1})
+        with db.transaction() as conn:
+            root = conn.root()
+            self.assertEqual(len(root['docs']), 51)
+            self.assertEqual(root['more']['x'], 1)
+            self.assertEqual(root['docs']['doc3'], 'changed 3')
+        self.assert_all_identical(raid, ['b1', 'b2'])
+
     def test_diverged_backend_refused_then_rebuilt_as_the_error_says(self):
         servers = self.start_servers(2)
         raid = self.open_raid(servers)

@@ -47,6 +47,9 @@ logger = logging.getLogger('zeoraid')
 #: data, so a large transaction streams to the backend while it is built.
 FLUSH_BYTES = 1 << 20
 
+#: Blob data goes to a ZEO server in messages of this size (as ZEO's).
+BLOB_CHUNK = 59000
+
 #: A BatchIterator batch stops once it holds this much record data.
 BATCH_BYTES = 4 << 20
 
@@ -253,6 +256,40 @@ class DirectTransaction:
         self.flush()
         return self.storage.storeBlob(oid, serial, data, blobfilename,
                                       version, txn)
+
+    def store_blob_record(self, oid, serial, data, blobfilename, txn):
+        """One record with a blob, as restoreBlob would write it.
+
+        For recovery: ZEO has no restoreBlob, and ClientStorage.storeBlob
+        sends a store before the blob, which writes two records (a
+        history packed since, or written by a RAID, may have one). Here
+        only ZEO's blob messages go (storeBlobStart, the chunks read as
+        they are written, storeBlobEnd), after everything queued before.
+        The ZEO server stores blob records after all other records of the
+        transaction, the last one sent first.
+        """
+        tbuf = self._check('storeBlob')
+        self.flush()
+        client = self.client.runner.client
+        txn_id = id(txn)
+        # The client cache drops the object at finish (as for a store).
+        tbuf.store(oid, None)
+
+        def messages():
+            yield ('storeBlobStart', ())
+            with open(blobfilename, 'rb') as f:
+                while True:
+                    chunk = f.read(BLOB_CHUNK)
+                    if not chunk:
+                        break
+                    yield ('storeBlobChunk', (chunk,))
+            yield ('storeBlobEnd', (oid, serial, data, txn_id))
+
+        def start():
+            if client.operational:
+                client.call_async_iter(messages())
+            # else: the vote fails with the connection error
+        self.client.runner.loop.call_soon_threadsafe(start)
 
     def call(self, method, args):
         """One of the queued calls above, by name."""

@@ -730,27 +730,20 @@ class Recovery:
     def _copy_one(self, txn):
         """Commit one source transaction on the target with its own tid.
 
-        A blob object appears several times in a transaction (a store,
-        then the blob's store; through ZEO the backend's storeBlob adds
-        one more). restoreBlob writes one record, ZEO's storeBlob two: the
-        blob goes with the last record of the object (restoreBlob) or the
-        last but one (storeBlob, whose second record replaces the last),
-        the earlier records are restored as they are.
+        A blob object may appear several times in a transaction (ZEO's
+        storeBlob writes a store, then the blob's record; a pack leaves
+        only the last). The blob goes with the object's last record, the
+        earlier ones are restored as they are: with restoreBlob, or for a
+        ZEO target through the direct path with ZEO's blob messages alone
+        (DirectTransaction.store_blob_record), which the ZEO server stores
+        after the other records, the last one sent first (so they are
+        sent last, in reverse). Only a ZEO target without the direct path
+        uses ClientStorage.storeBlob, which writes two records: the blob
+        then goes with the object's last but one record and replaces the
+        last.
         """
         def copy(storage):
             restore_blob = getattr(storage, 'restoreBlob', None)
-            positions = {}
-            for i, record in enumerate(txn):
-                if record.oid in txn.blobs:
-                    positions.setdefault(record.oid, []).append(i)
-            blob_at = {}
-            skip = set()
-            for oid, where in positions.items():
-                if restore_blob is not None or len(where) < 2:
-                    blob_at[where[-1]] = oid
-                else:
-                    blob_at[where[-2]] = oid
-                    skip.add(where[-1])
             direct = self.target.direct
             if direct is not None and direct.storage is storage:
                 # Records go in one batch with the vote, and the target's
@@ -760,6 +753,30 @@ class Recovery:
             else:
                 writer = storage
                 storage.tpc_begin(txn, txn.tid, txn.status)
+            blob_record = getattr(writer, 'store_blob_record', None)
+            one_record = restore_blob is not None or blob_record is not None
+            positions = {}
+            for i, record in enumerate(txn):
+                if record.oid in txn.blobs:
+                    positions.setdefault(record.oid, []).append(i)
+            blob_at = {}
+            skip = set()
+            for oid, where in positions.items():
+                if one_record or len(where) < 2:
+                    blob_at[where[-1]] = oid
+                else:
+                    blob_at[where[-2]] = oid
+                    skip.add(where[-1])
+            later = []      # (serial, record, blob) for store_blob_record
+
+            def current_serial(oid):
+                # ZEO has no restoreBlob: a store with the target's current
+                # serial, in a transaction begun with the source's tid,
+                # gives the same record.
+                try:
+                    return ZODB.utils.load_current(storage, oid)[1]
+                except ZODB.POSException.POSKeyError:
+                    return z64
             try:
                 for i, record in enumerate(txn):
                     if i in skip:
@@ -772,17 +789,15 @@ class Recovery:
                     elif restore_blob is not None:
                         restore_blob(record.oid, record.tid, record.data,
                                      blob, record.data_txn, txn)
+                    elif blob_record is not None:
+                        later.append((current_serial(record.oid), record,
+                                      blob))
                     else:
-                        # ZEO has no restoreBlob: store with the target's
-                        # current serial, in a transaction begun with the
-                        # source's tid, gives the same record.
-                        try:
-                            serial = ZODB.utils.load_current(
-                                storage, record.oid)[1]
-                        except ZODB.POSException.POSKeyError:
-                            serial = z64
-                        writer.storeBlob(record.oid, serial, record.data,
-                                         blob, '', txn)
+                        writer.storeBlob(record.oid,
+                                         current_serial(record.oid),
+                                         record.data, blob, '', txn)
+                for serial, record, blob in reversed(later):
+                    blob_record(record.oid, serial, record.data, blob, txn)
                 if writer is storage:
                     storage.tpc_vote(txn)
                     tid = storage.tpc_finish(txn)
