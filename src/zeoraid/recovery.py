@@ -3,7 +3,8 @@
     verify    the target's history must be a prefix of the source's
               (tids, metadata and records of a window at the junction)
     copy      source.iterator(start) -> target tpc_begin(txn, tid, status),
-              restore / storeBlob per record, vote, finish (tid checked);
+              restore / restoreBlob (ZEO: blob messages) per record, vote,
+              finish (tid checked);
               a reader thread reads ahead while the target commits
     finalize  with the RAID's commit lock held, copy the last few
               transactions and make the target optimal atomically
