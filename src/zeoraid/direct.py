@@ -503,8 +503,8 @@ class RestoreStream:
     plus four thread hand-offs.
 
     The stream holds ClientStorage's commit lock while it is open, so no
-    ordinary transaction of this client interleaves (blobs, which need
-    ClientStorage's storeBlob, go after close()).
+    ordinary transaction of this client interleaves (blob transactions,
+    which go through a DirectTransaction, come after close()).
     """
 
     def __init__(self, client):
@@ -530,12 +530,9 @@ class RestoreStream:
         if self._closed:
             raise ZODB.POSException.StorageTransactionError(
                 'restore stream is closed')
-        starts = [self._prepare(txn, reply) for txn, reply in items]
-
-        def start_all():
-            for start in starts:
-                start()
-        self.client.runner.loop.call_soon_threadsafe(start_all)
+        self.client.runner.loop.call_soon_threadsafe(
+            _start_all, [(self._prepare(txn, reply), reply)
+                         for txn, reply in items])
 
     def _prepare(self, txn, reply):
         """The IO thread's part of one send, as a callable."""

@@ -816,11 +816,15 @@ class Recovery:
                     'target %s committed %s as %s' % (
                         self.target.name, txn.tid.hex(), tid.hex()))
             return tid
-        # The deadline grows with the transaction's size (blobs), so a
-        # hung target is cut off as quickly as a live commit would be.
         size = txn_size(txn) + sum(os.path.getsize(p) for p in
                                    txn.blobs.values() if os.path.exists(p))
-        self.target.call_ordered(self.timeout * (1 + size / 10e6), copy)
+        self.target.call_ordered(self.deadline(size), copy)
+
+    def deadline(self, nbytes):
+        """Seconds the target may take to commit nbytes: it grows with
+        the transaction's size (blobs), so a hung target is cut off as
+        quickly as a live commit would be."""
+        return self.timeout * (1 + nbytes / 10e6)
 
     def _source_failed(self, exc):
         """The source failed: continue from another optimal backend."""
@@ -895,7 +899,7 @@ class _Writer:
 
     def _confirm_oldest(self):
         txn, nbytes, reply = self.in_flight[0]
-        timeout = self.recovery.timeout * (1 + nbytes / 10e6)
+        timeout = self.recovery.deadline(nbytes)
         try:
             tid = reply.result(timeout)
         except TimeoutError:

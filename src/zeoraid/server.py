@@ -177,27 +177,27 @@ def check_tls_files(certificate=None, key=None, authenticate=None,
     return None
 
 
-def client_ssl(section):
-    """Datatype of ``<client-ssl>``: ZEO's client TLS settings, checked."""
+def _checked_ssl(section, name, server):
+    """ZEO's TLS context for `section` (`<name>`), its files checked
+    first so a problem is one line that names the file."""
     problem = check_tls_files(section.certificate, section.key,
-                              section.authenticate)
+                              section.authenticate, server=server)
     if problem is not None and not (section.password_function
                                     and 'cannot be loaded' in problem):
-        raise ValueError('<client-ssl>: ' + problem)
+        raise ValueError('<%s>: %s' % (name, problem))
     import ZEO.zconfig
-    return ZEO.zconfig.client_ssl(section)
+    return ZEO.zconfig.ssl_config(section, server)
+
+
+def client_ssl(section):
+    """Datatype of ``<client-ssl>``: ZEO's client TLS settings, checked."""
+    return _checked_ssl(section, 'client-ssl', server=False)
 
 
 def admin_ssl(section):
     """Datatype of ``<admin-ssl>``: TLS with client certificates for the
     TCP admin endpoint (ZEO's server TLS settings, checked)."""
-    problem = check_tls_files(section.certificate, section.key,
-                              section.authenticate, server=True)
-    if problem is not None and not (section.password_function
-                                    and 'cannot be loaded' in problem):
-        raise ValueError('<admin-ssl>: ' + problem)
-    import ZEO.zconfig
-    return ZEO.zconfig.server_ssl(section)
+    return _checked_ssl(section, 'admin-ssl', server=True)
 
 
 def tls_problem(exc):

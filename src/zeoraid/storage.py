@@ -47,9 +47,9 @@ from zeoraid.backend import is_client_storage
 from zeoraid.commit import BlobPlacement
 from zeoraid.commit import Commit
 from zeoraid.errors import RAIDError
+from zeoraid.errors import RAIDFailedError
 from zeoraid.statefile import NOT_TRUSTED
 from zeoraid.statefile import StateFile
-from zeoraid.errors import RAIDFailedError
 from zeoraid.stats import RAIDStats
 
 logger = logging.getLogger('zeoraid')

@@ -271,25 +271,27 @@ class _Verifier:
         try:
             if self.timeout is None:
                 return fn(*args)
-            if name in self.hung:
-                raise CannotVerify('cannot check: storage %s did not answer '
-                                   'in time' % name)
-            worker = self.workers.get(name)
-            if worker is None:
-                worker = self.workers[name] = SerialWorker(
-                    'zeoraid-verify-%s' % name)
-            future = worker.submit(fn, *args)
-            try:
-                return wait_for(future, timeout or self.timeout,
-                                'storage %s' % name)
-            except BackendTimeout:
-                self.hung.add(name)
-                raise
+            return self._in_thread(name, fn, args, timeout or self.timeout)
         except CannotVerify:
             raise
         except Exception as exc:
             raise CannotVerify('cannot check: storage %s failed: %s'
                                % (name, describe(exc))) from exc
+
+    def _in_thread(self, name, fn, args, timeout):
+        if name in self.hung:
+            raise CannotVerify('cannot check: storage %s did not answer in '
+                               'time' % name)
+        worker = self.workers.get(name)
+        if worker is None:
+            worker = self.workers[name] = SerialWorker(
+                'zeoraid-verify-%s' % name)
+        try:
+            return wait_for(worker.submit(fn, *args), timeout,
+                            'storage %s' % name)
+        except BackendTimeout:
+            self.hung.add(name)
+            raise
 
     def close(self):
         """End the storages' threads (a hung one ends when its call does)."""

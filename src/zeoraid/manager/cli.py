@@ -431,20 +431,23 @@ def cmd_disable(ctx):
                    else 'backend %s disabled' % ctx.options.name)
 
 
+#: diff key, what a dry run would do, what the reload did
+_DIFF_LINES = (('added', 'would add', 'added'),
+               ('removed', 'would remove', 'removed'),
+               ('changed', 'would replace (settings changed)',
+                'replaced (settings changed)'),
+               ('kept', 'would keep', 'kept'))
+
+
 def _render_diff(diff):
-    keys = ('added', 'removed', 'changed', 'kept')
-    names = {key: ', '.join(diff.get(key) or []) or '-' for key in keys}
-    labels = {'added': 'add', 'removed': 'remove',
-              'changed': 'replace (settings changed)', 'kept': 'keep'}
-    if diff.get('dry_run'):
-        return 'RAID %s reload (dry run, nothing changed)\n%s' % (
-            diff.get('storage'), '\n'.join(
-                '  would %s: %s' % (labels[key], names[key])
-                for key in keys))
-    done = {'added': 'added', 'removed': 'removed',
-            'changed': 'replaced (settings changed)', 'kept': 'kept'}
-    return 'RAID %s reloaded\n%s' % (diff.get('storage'), '\n'.join(
-        '  %s: %s' % (done[key], names[key]) for key in keys))
+    dry_run = bool(diff.get('dry_run'))
+    lines = ['RAID %s %s' % (diff.get('storage'),
+                             'reload (dry run, nothing changed)' if dry_run
+                             else 'reloaded')]
+    for key, would, did in _DIFF_LINES:
+        lines.append('  %s: %s' % (would if dry_run else did,
+                                   ', '.join(diff.get(key) or []) or '-'))
+    return '\n'.join(lines)
 
 
 def cmd_reload(ctx):
