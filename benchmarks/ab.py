@@ -35,6 +35,16 @@ import clients  # noqa: E402
 import common  # noqa: E402
 
 
+def checkout_source():
+    """The src/ of the checkout this script is in (A's zeoraid).
+
+    Put first on A's PYTHONPATH, so that A is this tree's code even when
+    the virtualenv's editable install points at another checkout (a git
+    worktree made for an experiment).
+    """
+    return os.path.join(os.path.dirname(HERE), 'src')
+
+
 def export_source(rev, directory):
     """git archive REV src into directory; returns its src path."""
     root = os.path.dirname(HERE)
@@ -77,7 +87,7 @@ def main(argv=None):
     topologies = [bench.Topology('zeo', workdir, 0)]
     topologies[0].pythonpath = None
     for n in counts:
-        for variant, path in (('A', None), ('B', base_src)):
+        for variant, path in (('A', checkout_source()), ('B', base_src)):
             t = bench.Topology('%s-raid%d' % (variant, n), workdir, n)
             t.pythonpath = path
             topologies.append(t)
@@ -102,8 +112,9 @@ def main(argv=None):
     rates = {name: [r['throughput'] for r in summary['rounds']]
              for name, summary in summaries.items()}
     base_rate = statistics.median(rates['zeo'])
-    print('A: this checkout, B: %s; %d client(s), %d rounds of %g s'
-          % (args.base, p['writers'], args.rounds, args.duration))
+    print('A: this checkout (%s), B: %s; %d client(s), %d rounds of %g s'
+          % (checkout_source(), args.base, p['writers'], args.rounds,
+             args.duration))
     print('| server | commits/s | ratio to zeo | front CPU ms/commit '
           '| rounds |')
     print('|---|---:|---:|---:|---|')

@@ -157,6 +157,9 @@ class ABSmokeTests(unittest.TestCase):
             output, _ = process.communicate()
         output = output.decode('utf-8', 'replace')
         self.assertEqual(process.returncode, 0, output[-3000:])
+        # A is this tree's src, first on its server's PYTHONPATH.
+        self.assertIn('A: this checkout (%s)' % os.path.join(ROOT, 'src'),
+                      output)
         for server in ('A-raid1', 'B-raid1', 'zeo'):
             self.assertRegex(output, r'\| %s \| [0-9.]+ \| [0-9.]+ \| '
                                      r'[0-9.]+ \| [0-9]+ \|' % server)
