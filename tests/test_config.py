@@ -333,9 +333,95 @@ class ReloadSettingsTests(ConfigTestBase):
         self.assertEqual(raid.raid_details()['b1']['state'], 'optimal')
 
 
+class OnlineSettingsTests(ConfigTestBase):
+    """<raidstorage> keys a reload applies to a running RAID, and the
+    ones it leaves for a restart."""
+
+    def section(self, keys):
+        text = self.raid_config(self.filestorage('b1') + '\n'
+                                + self.filestorage('b2'), keys=keys)
+        config, _ = ZConfig.loadConfigFile(ZODB.config.getStorageSchema(),
+                                           io.StringIO(text))
+        return config.storage
+
+    def test_settings_diff_sorts_online_and_restart_keys(self):
+        from zeoraid.config import raid_settings
+        from zeoraid.config import settings_diff
+        running = raid_settings(self.section('timeout 2s'))
+        self.assertEqual(settings_diff(
+            running, raid_settings(self.section('timeout 2s'))), ({}, []))
+        online, restart = settings_diff(running, raid_settings(self.section(
+            'timeout 5s\n  recovery-txn-rate 100\n  auto-recover on\n'
+            '  cluster-mode coop\n  server-id 3\n  shared-backend-io off')))
+        self.assertEqual(online, {'timeout': (2, 5),
+                                  'recovery_txn_rate': (0, 100),
+                                  'auto_recover': (False, True)})
+        self.assertEqual(restart, ['cluster_mode', 'server_id',
+                                   'shared_backend_io'])
+
+    def open_two(self, keys='timeout 2s'):
+        return self.open_storage(self.raid_config(
+            self.filestorage('b1') + '\n' + self.filestorage('b2'),
+            keys=keys))
+
+    def test_apply_settings(self):
+        raid = self.open_two()
+        raid.apply_settings({'timeout': 0.5, 'pack_timeout': 60,
+                             'fail_mode': 'read-only'})
+        self.assertEqual((raid.timeout, raid.pack_timeout, raid.fail_mode),
+                         (0.5, 60.0, 'read-only'))
+        # The next transaction runs with the new deadline.
+        txn = TransactionMetaData()
+        raid.tpc_begin(txn)
+        self.assertEqual(raid._commit.timeout, 0.5)
+        raid.tpc_abort(txn)
+        # auto-recover starts and stops with the key.
+        raid.apply_settings({'auto_recover': True,
+                             'auto_recover_hold_down': 7})
+        auto = raid._auto_recover
+        self.assertTrue(auto.thread.is_alive())
+        self.assertEqual(auto.hold_down, 7.0)
+        raid.apply_settings({'auto_recover_max_flaps': 9})
+        self.assertEqual(auto.max_flaps, 9)
+        raid.apply_settings({'auto_recover': False})
+        self.assertIsNone(raid._auto_recover)
+        auto.thread.join(10)
+        self.assertFalse(auto.thread.is_alive())
+        # What cannot change online, and bad values, change nothing.
+        for bad, message in (({'cluster_mode': 'coop'}, 'need a restart'),
+                             ({'timeout': 0}, 'positive'),
+                             ({'fail_mode': 'explode'}, 'fail-mode')):
+            with self.assertRaises(RAIDError) as caught:
+                raid.apply_settings(dict(bad, pack_timeout=1))
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual((raid.timeout, raid.pack_timeout), (0.5, 60.0))
+
+    def test_new_recovery_rate_applies_to_a_running_recovery(self):
+        from tests.test_recovery import wait_copied
+        from tests.test_recovery import wait_recovery
+        raid = self.open_two()
+        db = ZODB.DB(raid)
+        self.addCleanup(db.close)
+        raid.raid_disable('b2')
+        for i in range(40):
+            with db.transaction() as conn:
+                conn.root()['k%d' % i] = i
+        raid.apply_settings({'recovery_txn_rate': 2})
+        raid.raid_recover('b2')
+        recovery = raid.raid_recovery()
+        wait_copied(self, recovery, 1)
+        # At 2 transactions/s the backlog would take 20s more.
+        self.assertFalse(recovery.done.wait(1))
+        raid.apply_settings({'recovery_txn_rate': 0})
+        wait_recovery(self, raid, timeout=10)
+        self.assertEqual(raid.raid_status(), 'optimal', raid.raid_details())
+        assert_replicas_identical(raid)
+
+
 def test_suite():
     loader = unittest.defaultTestLoader
     return unittest.TestSuite([
         loader.loadTestsFromTestCase(ConfigTests),
         loader.loadTestsFromTestCase(ReloadSettingsTests),
+        loader.loadTestsFromTestCase(OnlineSettingsTests),
     ])

@@ -512,6 +512,43 @@ class ServerTests(ServerTestBase):
         self.assertEqual(b3['state'], 'degraded')
         self.assertIn('timed out', b3['reason'])
 
+    def test_reload_applies_raidstorage_settings(self):
+        db = self.db()
+        self.commit(db, 'a', 1)
+        # timeout can change online; shared-backend-io needs a restart.
+        self.server.raid_options = 'timeout 1s\n  shared-backend-io off'
+        self.server.write_config(self.backend_list(0, 1))
+        r = self.server.manager('reload', '--dry-run')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn('would change settings: timeout 5 -> 1', r.stdout)
+        self.assertIn('needs a restart (left as they are): '
+                      'shared-backend-io', r.stdout)
+        r = self.server.manager('--json', 'reload')
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        diff = json.loads(r.stdout)['result']
+        self.assertEqual(diff['settings'], {'timeout': [5.0, 1.0]})
+        self.assertEqual(diff['restart_needed'], ['shared-backend-io'])
+        self.assertIn('setting timeout changed by reload: 5.0 -> 1.0',
+                      self.server.log())
+        # Applied: the next reload has no timeout change left, and the
+        # restart-only key is still reported.
+        r = self.server.manager('reload', '--dry-run')
+        self.assertIn('would change settings: -', r.stdout)
+        self.assertIn('shared-backend-io', r.stdout)
+        # The RAID uses the new deadline: a hung b2 is degraded after 1s,
+        # not 5s.
+        frozen = self.backends[1].process.pid
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            self.commit(db, 'b', 2)
+            self.assertLess(time.monotonic() - started, 3.5)
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        info = details(self.server)['backends']['b2']
+        self.assertEqual(info['state'], 'degraded')
+        self.assertIn('1s', info['reason'])
+
     def test_reload_refuses_to_leave_no_optimal_backend(self):
         self.assertEqual(self.server.manager('disable', 'b1').returncode, 0)
         self.server.write_config(self.backend_list(0, 2))   # b1, b3

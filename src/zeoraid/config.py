@@ -5,6 +5,7 @@ import ZODB.config
 from zeoraid import ioloop
 from zeoraid.storage import CLUSTER_MODES
 from zeoraid.storage import FAIL_MODES
+from zeoraid.storage import ONLINE_SETTINGS
 
 
 def _choice(name, allowed):
@@ -39,6 +40,38 @@ def backend_openers(section):
                          % (section.getSectionName(), ', '.join(duplicates)))
     return [(s.name, SectionOpener(s, section.shared_backend_io))
             for s in storages]
+
+
+#: <raidstorage> keys that only a restart applies: they decide what the
+#: RAID is (its tids, oids, blob layout, IO threads) rather than how it
+#: behaves.
+RESTART_SETTINGS = ('read_only', 'cluster_mode', 'server_id', 'blob_dir',
+                    'shared_blob_dir', 'state_file', 'shared_backend_io')
+
+
+def raid_settings(section):
+    """{key: value} of a <raidstorage> section's own keys (not backends)."""
+    config = section.config
+    return {key: getattr(config, key)
+            for key in ONLINE_SETTINGS + RESTART_SETTINGS}
+
+
+def settings_diff(running, wanted):
+    """What a reload changes: ({key: (old, new)} online, [restart keys]).
+
+    `running` is what the RAID runs with, `wanted` what the file says now
+    (both from raid_settings).
+    """
+    online = {key: (running[key], wanted[key]) for key in ONLINE_SETTINGS
+              if running[key] != wanted[key]}
+    restart = [key for key in RESTART_SETTINGS
+               if running[key] != wanted[key]]
+    return online, restart
+
+
+def key_name(attribute):
+    """The configuration key of a section attribute (pack_timeout)."""
+    return attribute.replace('_', '-')
 
 
 class SectionOpener:

@@ -106,6 +106,16 @@ class RateLimiter:
         self.credit_bytes = 0
         self._lock = threading.Lock()
 
+    def set_rates(self, txn_rate, byte_rate):
+        """New caps (reload), counted from now: what was copied and
+        credited so far neither speeds up nor holds back the new rate."""
+        with self._lock:
+            self.txn_rate = float(txn_rate or 0)
+            self.byte_rate = float(byte_rate or 0)
+            self.start = self.clock()
+            self.used_txns = self.used_bytes = 0
+            self.credit_txns = self.credit_bytes = 0
+
     def credit(self, txns, nbytes):
         """A live commit happened: let the copier do as much more."""
         with self._lock:

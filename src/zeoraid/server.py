@@ -32,6 +32,9 @@ import ZConfig
 import ZEO.runzeo
 
 from zeoraid import served
+from zeoraid.config import key_name
+from zeoraid.config import raid_settings
+from zeoraid.config import settings_diff
 from zeoraid.admin import AdminError
 from zeoraid.admin import AdminServer
 from zeoraid.admin import AdminService
@@ -268,6 +271,15 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
         super().__init__(options)
         self.storages = {}
         self._reload_lock = threading.Lock()
+        # {storage name: raid_settings} the RAIDs run with (reload diffs).
+        self._raid_settings = {}
+
+    def open_storages(self):
+        super().open_storages()
+        for section in self.options.storages:
+            if is_raid_section(section):
+                self._raid_settings[storage_name(section)] = \
+                    raid_settings(section)
 
     def main(self):
         self.setup_default_logging()
@@ -444,9 +456,10 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
             logger.exception('reload failed')
             return
         for diff in diffs:
-            log('reloaded storage %(storage)r: added %(added)s, removed'
-                ' %(removed)s, replaced (settings changed) %(changed)s,'
-                ' kept %(kept)s' % diff)
+            log('reloaded storage %r: added %s, removed %s, replaced '
+                '(settings changed) %s, kept %s, settings %s'
+                % (diff['storage'], diff['added'], diff['removed'],
+                   diff['changed'], diff['kept'], _settings_text(diff)))
 
     # pid file: always written, even for a read-only server
 
@@ -485,8 +498,10 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
         Returns the diff of that storage, or a list of diffs for all.
         Nothing changes unless the file parses and every RAID accepts its
         new backend list in a dry run first.  Only backend sections are
-        reloaded (a kept backend whose section changed is replaced); other
-        changed settings need a restart.
+        reloaded (a kept backend whose section changed is replaced), and
+        the <raidstorage> keys a running RAID can take
+        (storage.ONLINE_SETTINGS); other changed keys are reported in
+        `restart_needed` and left as they are.
         """
         with self._reload_lock:
             configfile = self.options.configfile
@@ -515,24 +530,49 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
                         'storage %r in %s is no longer a <raidstorage>;'
                         ' that needs a restart, nothing changed'
                         % (target, configfile))
-                plan[target] = backend_openers(section)
-            diffs = {target: raids[target].raid_reload(plan[target],
+                wanted = raid_settings(section)
+                online, restart = settings_diff(
+                    self._raid_settings.get(target, wanted), wanted)
+                plan[target] = (backend_openers(section), online, restart)
+            diffs = {target: raids[target].raid_reload(plan[target][0],
                                                        dry_run=True)
                      for target in targets}
             if not dry_run:
-                diffs = {target: raids[target].raid_reload(plan[target])
+                diffs = {target: raids[target].raid_reload(plan[target][0])
                          for target in targets}
+                for target in targets:
+                    online = plan[target][1]
+                    if online:
+                        raids[target].apply_settings(
+                            {key: new for key, (_, new) in online.items()})
+                        self._raid_settings[target].update(
+                            (key, new) for key, (_, new) in online.items())
             results = []
             for target in targets:
+                _, online, restart = plan[target]
                 diff = dict(diffs[target])
-                diff.update(storage=target, dry_run=bool(dry_run))
+                diff.update(storage=target, dry_run=bool(dry_run),
+                            settings={key_name(key): list(change)
+                                      for key, change in online.items()},
+                            restart_needed=[key_name(k) for k in restart])
                 if not dry_run:
                     log('reload of storage %r: added %s, removed %s, '
-                        'replaced (settings changed) %s'
+                        'replaced (settings changed) %s, settings %s'
                         % (target, diff.get('added'), diff.get('removed'),
-                           diff.get('changed')))
+                           diff.get('changed'), _settings_text(diff)))
+                    if restart:
+                        log('reload of storage %r: changed keys that need a '
+                            'restart, left as they were: %s'
+                            % (target, ', '.join(diff['restart_needed'])),
+                            logging.WARNING)
                 results.append(diff)
             return results[0] if name is not None else results
+
+
+def _settings_text(diff):
+    """'timeout 10.0 -> 5.0, ...' for the log, or 'unchanged'."""
+    return ', '.join('%s %r -> %r' % (key, old, new) for key, (old, new)
+                     in sorted(diff['settings'].items())) or 'unchanged'
 
 
 def log(msg, level=logging.INFO):

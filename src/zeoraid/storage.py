@@ -61,6 +61,12 @@ COOP_SERVER_SLOTS = 64
 RECENT_TIDS = 100000
 FAIL_MODES = ('close', 'read-only')
 
+#: <raidstorage> keys (config attribute names) a running RAID takes from a
+#: reload: apply_settings. The others need a restart (config.py).
+ONLINE_SETTINGS = ('timeout', 'pack_timeout', 'fail_mode',
+                   'recovery_txn_rate', 'recovery_byte_rate', 'auto_recover',
+                   'auto_recover_hold_down', 'auto_recover_max_flaps')
+
 #: Interfaces the RAID declares when every open backend provides them.
 OPTIONAL_INTERFACES = (
     ZODB.interfaces.IStorageUndoable,
@@ -163,12 +169,17 @@ class RAIDStorage:
         # _recent_tids holds the commits after this tid, no older ones.
         self._recent_floor = self._ltid
         self._auto_recover = None
+        self._auto_recover_hold_down = auto_recover_hold_down
+        self._auto_recover_max_flaps = auto_recover_max_flaps
         if auto_recover:
-            from zeoraid.recovery import AutoRecover
-            self._auto_recover = AutoRecover(
-                self, hold_down=auto_recover_hold_down,
-                max_flaps=auto_recover_max_flaps)
-            self._auto_recover.start()
+            self._start_auto_recover()
+
+    def _start_auto_recover(self):
+        from zeoraid.recovery import AutoRecover
+        self._auto_recover = AutoRecover(
+            self, hold_down=self._auto_recover_hold_down,
+            max_flaps=self._auto_recover_max_flaps)
+        self._auto_recover.start()
 
     # -- startup -----------------------------------------------------------
 
@@ -1112,6 +1123,67 @@ class RAIDStorage:
                     'of RAID %s' % (name, self._name))
             backend.degrade('disabled by operator')
         return 'backend %s of RAID %s disabled' % (name, self._name)
+
+    def apply_settings(self, settings):
+        """Take changed settings while running (reload).
+
+        settings: {attribute: new value} for keys of
+        config.ONLINE_SETTINGS. A new timeout applies to the next call
+        (a transaction or recovery under way keeps its own); new
+        recovery rates apply to a running recovery at once.
+        """
+        unknown = sorted(set(settings) - set(ONLINE_SETTINGS))
+        if unknown:
+            raise RAIDError('these settings need a restart: %s'
+                            % ', '.join(unknown))
+        if 'fail_mode' in settings and \
+                settings['fail_mode'] not in FAIL_MODES:
+            raise RAIDError('fail-mode must be one of %s, not %r'
+                            % ('|'.join(FAIL_MODES), settings['fail_mode']))
+        if settings.get('timeout', 1) <= 0:
+            raise RAIDError('timeout must be positive')
+        for key, value in sorted(settings.items()):
+            old = self._setting(key)
+            if key == 'timeout':
+                self.timeout = float(value)
+            elif key == 'pack_timeout':
+                self.pack_timeout = float(value or 0) or None
+            elif key == 'auto_recover_hold_down':
+                self._auto_recover_hold_down = float(value)
+                if self._auto_recover is not None:
+                    self._auto_recover.hold_down = float(value)
+            elif key == 'auto_recover_max_flaps':
+                self._auto_recover_max_flaps = value
+                if self._auto_recover is not None:
+                    self._auto_recover.max_flaps = value
+            elif key != 'auto_recover':
+                setattr(self, key, value)
+            logger.warning('raid=%s setting %s changed by reload: %r -> %r',
+                           self._name, key.replace('_', '-'), old,
+                           self._setting(key))
+        if 'recovery_txn_rate' in settings or \
+                'recovery_byte_rate' in settings:
+            recovery = self._recovery
+            if recovery is not None:
+                recovery.limiter.set_rates(self.recovery_txn_rate,
+                                           self.recovery_byte_rate)
+        if 'auto_recover' in settings:
+            if settings['auto_recover'] and self._auto_recover is None:
+                self._start_auto_recover()
+            elif not settings['auto_recover'] and \
+                    self._auto_recover is not None:
+                self._auto_recover.stop()
+                self._auto_recover = None
+
+    def _setting(self, key):
+        """The running value of an online setting (config attribute)."""
+        if key == 'auto_recover':
+            return self._auto_recover is not None
+        if key == 'auto_recover_hold_down':
+            return self._auto_recover_hold_down
+        if key == 'auto_recover_max_flaps':
+            return self._auto_recover_max_flaps
+        return getattr(self, key)
 
     def raid_reload(self, backends, dry_run=False):
         """Change the set of backends: new ones join degraded.

@@ -447,7 +447,26 @@ def _render_diff(diff):
     for key, would, did in _DIFF_LINES:
         lines.append('  %s: %s' % (would if dry_run else did,
                                    ', '.join(diff.get(key) or []) or '-'))
+    settings = diff.get('settings') or {}
+    lines.append('  %s: %s' % (
+        'would change settings' if dry_run else 'settings changed',
+        ', '.join('%s %s -> %s' % (key, _setting(old), _setting(new))
+                  for key, (old, new) in sorted(settings.items())) or '-'))
+    if diff.get('restart_needed'):
+        lines.append('  needs a restart (left as they are): %s'
+                     % ', '.join(diff['restart_needed']))
     return '\n'.join(lines)
+
+
+def _setting(value):
+    """A setting as the configuration file writes it."""
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if value is None:
+        return '(unset)'
+    if isinstance(value, float) and value.is_integer():
+        return '%d' % value
+    return str(value)
 
 
 def cmd_reload(ctx):
