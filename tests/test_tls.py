@@ -360,7 +360,8 @@ class TLSTests(unittest.TestCase):
     # -- the TCP admin endpoint with <admin-ssl>: TLS, client certificates
     #    signed by the configured CA, and the token
 
-    def admin_config(self, directory, port, token_file, ssl=True):
+    def admin_config(self, directory, port, token_file, ssl=True,
+                     allowed=()):
         cert, key = self.certs['zeoraid-server']
         section = ('<zeoraid>\n  admin-socket %s\n'
                    '  admin-address 127.0.0.1:%d\n  admin-token-file %s\n'
@@ -368,8 +369,10 @@ class TLSTests(unittest.TestCase):
                       token_file))
         if ssl:
             section += ('  <admin-ssl>\n    certificate %s\n    key %s\n'
-                        '    authenticate %s\n  </admin-ssl>\n'
-                        % (cert, key, self.certs['ca']))
+                        '    authenticate %s\n%s  </admin-ssl>\n'
+                        % (cert, key, self.certs['ca'], ''.join(
+                            '    allowed-client %s\n' % name
+                            for name in allowed)))
         section += '</zeoraid>'
         return re.sub(r'<zeoraid>.*?</zeoraid>', lambda m: section,
                       self.production_config(directory), flags=re.S)
@@ -429,6 +432,46 @@ class TLSTests(unittest.TestCase):
         # The server went on serving.
         self.assertEqual(server.admin('status')['result']['status'],
                          'optimal')
+
+    def test_admin_tls_allowed_client_names(self):
+        directory = os.path.join(self.tmp, 'admin-tls-names')
+        os.makedirs(directory, exist_ok=True)
+        token_file = self.token(directory)
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        server = RaidServer(directory, [],
+                            eventlog=os.path.join(directory, 'zeoraid.log'))
+        self.server = server
+        server.write_config(text=self.admin_config(
+            directory, port, token_file,
+            allowed=['zeoraid-client', 'ops@example.org']))
+        server.start()
+        tcp = ['--admin', '127.0.0.1:%d' % port, '--token-file', token_file,
+               '--tls-ca', self.certs['ca']]
+
+        def manager(name):
+            cert, key = self.certs[name]
+            return server.manager(*tcp, '--tls-cert', cert, '--tls-key',
+                                  key, 'status')
+        r = manager('zeoraid-client')
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        # Signed by the same CA, but not a name on the list.
+        r = manager('app-client')
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        self.assertEqual(len(r.stdout.strip().splitlines()), 1, r.stdout)
+        self.assertIn('permission denied: client certificate', r.stdout)
+        self.assertIn('app-client', r.stdout)
+        wait_until(lambda: 'is not an allowed-client' in server.log(), 10,
+                   'the refusal in the log')
+        self.assertEqual(server.admin('status')['result']['status'],
+                         'optimal')
+        # An empty name is a configuration error, one line.
+        other = os.path.join(self.tmp, 'admin-tls-names-bad')
+        os.makedirs(other, exist_ok=True)
+        self.assertStartupError(
+            self.admin_config(other, 1, token_file, allowed=['']),
+            'allowed-client needs a name')
 
     def test_admin_ssl_needs_an_admin_address_and_a_ca(self):
         directory = os.path.join(self.tmp, 'admin-tls-bad')

@@ -255,6 +255,13 @@ class _Handler(socketserver.StreamRequestHandler):
                 logger.warning('admin TLS connection from %s refused: %s',
                                self.client_address[0], one_line(e))
                 return
+            refused = server.tls.refuses(self.connection.getpeercert())
+            if refused:
+                logger.warning('admin TLS connection from %s refused: %s',
+                               self.client_address[0], refused)
+                self.wfile.write(encode({
+                    'ok': False, 'error': 'permission denied: ' + refused}))
+                return
         if not server.admin.allowed_peer(self.connection):
             self.wfile.write(encode({'ok': False,
                                      'error': 'permission denied'}))
@@ -278,6 +285,43 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.wfile.flush()
             except OSError:
                 return
+
+
+class AdminTLS:
+    """The TCP admin endpoint's TLS: ZEO's server context (client
+    certificates signed by the configured CA) and, optionally, the only
+    certificate names let in (<admin-ssl> allowed-client)."""
+
+    def __init__(self, context, allowed_clients=()):
+        self.context = context
+        self.allowed_clients = frozenset(allowed_clients)
+
+    def wrap_socket(self, sock, **kw):
+        return self.context.wrap_socket(sock, **kw)
+
+    def refuses(self, certificate):
+        """Why a verified peer certificate may not in, or None."""
+        if not self.allowed_clients:
+            return None
+        names = certificate_names(certificate or {})
+        if self.allowed_clients.intersection(names):
+            return None
+        return ('client certificate %s is not an allowed-client'
+                % (', '.join(sorted(names)) or 'without a name'))
+
+
+def certificate_names(certificate):
+    """The names a certificate (ssl's getpeercert() dict) is for: the
+    subject's common names and its DNS and email alternative names."""
+    names = set()
+    for rdn in certificate.get('subject', ()):
+        for key, value in rdn:
+            if key == 'commonName':
+                names.add(value)
+    for kind, value in certificate.get('subjectAltName', ()):
+        if kind in ('DNS', 'email'):
+            names.add(value)
+    return names
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -37,6 +37,7 @@ from zeoraid.config import raid_settings
 from zeoraid.config import settings_diff
 from zeoraid.admin import AdminError
 from zeoraid.admin import AdminServer
+from zeoraid.admin import AdminTLS
 from zeoraid.admin import AdminService
 from zeoraid.admin import one_line
 from zeoraid.errors import RAIDError
@@ -199,8 +200,13 @@ def client_ssl(section):
 
 def admin_ssl(section):
     """Datatype of ``<admin-ssl>``: TLS with client certificates for the
-    TCP admin endpoint (ZEO's server TLS settings, checked)."""
-    return _checked_ssl(section, 'admin-ssl', server=True)
+    TCP admin endpoint (ZEO's server TLS settings, checked), and the
+    certificate names allowed in."""
+    allowed = [name.strip() for name in section.allowed_clients or ()]
+    if any(not name for name in allowed):
+        raise ValueError('<admin-ssl>: allowed-client needs a name')
+    return AdminTLS(_checked_ssl(section, 'admin-ssl', server=True),
+                    allowed)
 
 
 def tls_problem(exc):
