@@ -222,6 +222,18 @@ class ConfigTests(ConfigTestBase):
                                      keys='timeout %s' % value),
                     'timeout|time interval|%s' % re.escape(value))
 
+    def test_durations_below_a_second(self):
+        raid = self.open_storage(self.raid_config(
+            self.filestorage('b1'),
+            keys='timeout 500ms\n  pack-timeout 1.5m\n'
+                 '  recovery-back-pressure-hold 20ms'))
+        self.assertEqual((raid.timeout, raid.pack_timeout,
+                          raid.recovery_back_pressure_hold),
+                         (0.5, 90.0, 0.02))
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1'), keys='timeout 5 secs'),
+            "'5 secs' is not a duration")
+
     def test_shared_blob_dir_without_blob_dir(self):
         self.assert_config_error(
             self.raid_config(self.filestorage('b1'),
@@ -343,6 +355,12 @@ class OnlineSettingsTests(ConfigTestBase):
         config, _ = ZConfig.loadConfigFile(ZODB.config.getStorageSchema(),
                                            io.StringIO(text))
         return config.storage
+
+    def test_back_pressure_hold_must_be_positive(self):
+        self.assert_config_error(
+            self.raid_config(self.filestorage('b1'),
+                             keys='recovery-back-pressure-hold 0'),
+            'recovery-back-pressure-hold must be positive')
 
     def test_settings_diff_sorts_online_and_restart_keys(self):
         from zeoraid.config import raid_settings

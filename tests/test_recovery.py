@@ -504,6 +504,21 @@ class BackPressureTests(unittest.TestCase):
         self.advance(hold * 0.2)
         self.assertTrue(p.due(940))            # engaged: no new window
 
+    def test_disabled_never_due_and_hold_is_configurable(self):
+        p = recovery_module.BackPressure(enabled=False, hold=0.02,
+                                         clock=lambda: self.now[0])
+        window = recovery_module.PRESSURE_WINDOW
+        self.assertFalse(p.due(1000))
+        self.advance(window)
+        self.assertFalse(p.due(1000))          # not shrinking, but off
+        self.assertFalse(p.engaged)
+        p.enabled = True                       # a reload turns it on
+        self.advance(window)
+        self.assertTrue(p.due(1000))
+        started = self.now[0]
+        self.advance(0.021)
+        self.assertTrue(p.spell_over(started, 1))
+
     def test_free_time_halves_while_the_backlog_does_not_shrink(self):
         p = self.pressure
         window = recovery_module.PRESSURE_WINDOW
@@ -753,9 +768,8 @@ class RecoveryTests(RecoveryTestBase):
         self.assertEqual(raid._commits_since(backlog.tids[0]), 3)
         backlog.close()
 
-    def test_back_pressure_when_the_target_is_slower_than_live_commits(self):
-        """Live commits as fast as they go, a target slower than them:
-        without back-pressure the copy never catches up."""
+    def slow_target_raid(self, **options):
+        """b2 commits at < 200 txn/s (a slow target), disabled."""
         self.patch(recovery_module, 'PRESSURE_WINDOW', 0.5)
         self.blobs = False
         slow = []
@@ -765,13 +779,18 @@ class RecoveryTests(RecoveryTestBase):
             slow.append(storage)
             return storage
         raid = RAIDStorage('r', [('b1', self.opener('b1')),
-                                 ('b2', open_slow)], timeout=TIMEOUT)
+                                 ('b2', open_slow)], timeout=TIMEOUT,
+                           **options)
         self.raids.append(raid)
         db = self.open_db(raid)
         raid.raid_disable('b2')
         for storage in slow:
             storage.delay = 0.005     # the copy: < 200 txn/s
-        live_rate = 300.0             # live commits/s: more than that
+        return raid, db
+
+    def saturate(self, raid, db, live_rate=300.0):
+        """Commit at live_rate (more than the slow target takes) in a
+        thread until stop is set; returns (stop, thread, live, errors)."""
         stop = threading.Event()
         live = []
         errors = []
@@ -795,6 +814,15 @@ class RecoveryTests(RecoveryTestBase):
                 conn.close()
         thread = threading.Thread(target=writer)
         thread.start()
+        self.addCleanup(thread.join, RECOVERY_LIMIT)
+        self.addCleanup(stop.set)
+        return stop, thread, live, errors
+
+    def test_back_pressure_when_the_target_is_slower_than_live_commits(self):
+        """Live commits as fast as they go, a target slower than them:
+        without back-pressure the copy never catches up."""
+        raid, db = self.slow_target_raid()
+        stop, thread, live, errors = self.saturate(raid, db)
         try:
             self.assertTrue(wait_until(lambda: len(live) >= 300, 20))
             started = time.monotonic()
@@ -815,6 +843,32 @@ class RecoveryTests(RecoveryTestBase):
         self.assertGreater(len(live), 300)
         details = raid.raid_details()
         self.assertEqual(details['b2']['state'], 'optimal')
+        assert_replicas_identical(raid)
+
+    def test_back_pressure_off_until_a_reload_turns_it_on(self):
+        """recovery-back-pressure off: live commits never wait and the
+        backlog does not shrink; turned on (with a shorter spell) while
+        the recovery runs, it ends."""
+        raid, db = self.slow_target_raid(recovery_back_pressure=False)
+        stop, thread, live, errors = self.saturate(raid, db)
+        self.assertTrue(wait_until(lambda: len(live) >= 300, 20))
+        raid.raid_recover('b2')
+        recovery = raid.raid_recovery()
+        self.assertTrue(wait_until(
+            lambda: self.logged('back-pressure is off'), 10),
+            'the not-shrinking backlog is not reported')
+        self.assertFalse(recovery.done.is_set())
+        self.assertEqual(recovery.progress.backpressure_spells, 0)
+        raid.apply_settings({'recovery_back_pressure': True,
+                             'recovery_back_pressure_hold': 0.05})
+        self.assertEqual(recovery.pressure.hold, 0.05)
+        recovery = wait_recovery(self, raid, 45)
+        stop.set()
+        thread.join(RECOVERY_LIMIT)
+        self.assertEqual(errors, [])
+        self.assertIsNone(recovery.progress.error)
+        self.assertGreater(recovery.progress.backpressure_spells, 0)
+        self.assertEqual(raid.raid_details()['b2']['state'], 'optimal')
         assert_replicas_identical(raid)
 
     def patch(self, obj, name, value):

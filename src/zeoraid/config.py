@@ -1,4 +1,6 @@
 """ZConfig datatypes for `%import zeoraid` and `<raidstorage>`."""
+import re
+
 import ZConfig.matcher
 import ZODB.config
 
@@ -17,6 +19,24 @@ def _choice(name, allowed):
         return value
     convert.__name__ = name.replace('-', '_')
     return convert
+
+
+_DURATION = re.compile(r'^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$')
+_DURATION_UNITS = {'ms': 0.001, 's': 1, None: 1, 'm': 60, 'h': 3600,
+                   'd': 86400}
+
+
+def duration(value):
+    """Seconds (float) from '500ms', '1.5s', '10', '2m', '24h' or '1d'.
+
+    ZConfig's time-interval takes whole units only; deadlines below a
+    second are normal here.
+    """
+    match = _DURATION.match(value.strip().lower())
+    if match is None:
+        raise ValueError('%r is not a duration: use a number with ms, s, m,'
+                         ' h or d (a plain number means seconds)' % value)
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 cluster_mode = _choice('cluster-mode', CLUSTER_MODES)
@@ -128,6 +148,9 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
         if config.recovery_txn_rate < 0 or config.recovery_byte_rate < 0:
             raise ValueError('<raidstorage %s>: recovery rates must not be '
                              'negative' % self.name)
+        if config.recovery_back_pressure_hold <= 0:
+            raise ValueError('<raidstorage %s>: recovery-back-pressure-hold'
+                             ' must be positive' % self.name)
         if config.cluster_mode == 'coop' and config.server_id is None:
             raise ValueError('<raidstorage %s>: cluster-mode coop needs a '
                              'server-id (0-63), different on every RAID '
@@ -144,6 +167,8 @@ class RAIDStorageConfig(ZODB.config.BaseConfig):
             timeout=c.timeout, pack_timeout=c.pack_timeout,
             recovery_txn_rate=c.recovery_txn_rate,
             recovery_byte_rate=c.recovery_byte_rate,
+            recovery_back_pressure=c.recovery_back_pressure,
+            recovery_back_pressure_hold=c.recovery_back_pressure_hold,
             server_id=c.server_id, auto_recover=c.auto_recover,
             auto_recover_hold_down=c.auto_recover_hold_down,
             auto_recover_max_flaps=c.auto_recover_max_flaps,

@@ -164,9 +164,17 @@ class BackPressure:
     still does not shrink, each further window halves the free time,
     down to PRESSURE_MIN_FREE of a spell. A live commit waits at most one
     spell.
+
+    enabled (recovery-back-pressure) and hold (the spell's length,
+    recovery-back-pressure-hold) are the operator's; a reload may change
+    them while the recovery runs. Disabled, a backlog that does not
+    shrink is only logged.
     """
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, enabled=True, hold=PRESSURE_HOLD,
+                 clock=time.monotonic):
+        self.enabled = enabled
+        self.hold = hold
         self.clock = clock
         self.engaged = False
         self.free_ratio = 1.0      # free time after a spell / its length
@@ -186,9 +194,16 @@ class BackPressure:
             self._mark = (now, backlog)
             if before - backlog < PRESSURE_MIN_SHRINK * before:
                 self._tighten(before, backlog, now - since)
-        return self.engaged and now >= self._free_until
+        return self.enabled and self.engaged and now >= self._free_until
 
     def _tighten(self, before, backlog, seconds):
+        if not self.enabled:
+            logger.warning('recovery: backlog %d -> %d transactions in '
+                           '%.0fs, and back-pressure is off '
+                           '(recovery-back-pressure): the recovery may not '
+                           'end while live commits come this fast',
+                           before, backlog, seconds)
+            return
         if self.engaged:
             self.free_ratio = max(self.free_ratio / 2, PRESSURE_MIN_FREE)
         self.engaged = True
@@ -200,7 +215,7 @@ class BackPressure:
     def spell_over(self, started, copied):
         """Has the current spell copied or lasted enough?"""
         return (copied >= PRESSURE_CHUNK
-                or self.clock() - started >= PRESSURE_HOLD)
+                or self.clock() - started >= self.hold)
 
     def released(self, started):
         """A spell that began at `started` ended: leave the lock free."""
@@ -286,7 +301,8 @@ class Recovery:
         self.limiter = limiter
         self.verify_all = verify_all
         self.progress = Progress(source.name)
-        self.pressure = BackPressure()
+        self.pressure = BackPressure(raid.recovery_back_pressure,
+                                     raid.recovery_back_pressure_hold)
         self._lock_kept = False     # _copy_range returned in a spell
         self.stop_requested = threading.Event()
         self.done = threading.Event()

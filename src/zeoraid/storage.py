@@ -64,8 +64,10 @@ FAIL_MODES = ('close', 'read-only')
 #: <raidstorage> keys (config attribute names) a running RAID takes from a
 #: reload: apply_settings. The others need a restart (config.py).
 ONLINE_SETTINGS = ('timeout', 'pack_timeout', 'fail_mode',
-                   'recovery_txn_rate', 'recovery_byte_rate', 'auto_recover',
-                   'auto_recover_hold_down', 'auto_recover_max_flaps')
+                   'recovery_txn_rate', 'recovery_byte_rate',
+                   'recovery_back_pressure', 'recovery_back_pressure_hold',
+                   'auto_recover', 'auto_recover_hold_down',
+                   'auto_recover_max_flaps')
 
 #: Interfaces the RAID declares when every open backend provides them.
 OPTIONAL_INTERFACES = (
@@ -96,7 +98,9 @@ class RAIDStorage:
     def __init__(self, name, backends, *, read_only=False,
                  cluster_mode='single', fail_mode='close', blob_dir=None,
                  shared_blob_dir=False, timeout=10.0, pack_timeout=86400.0,
-                 recovery_txn_rate=0, recovery_byte_rate=0, server_id=None,
+                 recovery_txn_rate=0, recovery_byte_rate=0,
+                 recovery_back_pressure=True,
+                 recovery_back_pressure_hold=0.1, server_id=None,
                  auto_recover=False, auto_recover_hold_down=60.0,
                  auto_recover_max_flaps=3, state_file=None):
         if cluster_mode not in CLUSTER_MODES:
@@ -146,6 +150,10 @@ class RAIDStorage:
         self._foreign_tids = set()
         self.recovery_txn_rate = recovery_txn_rate
         self.recovery_byte_rate = recovery_byte_rate
+        if recovery_back_pressure_hold <= 0:
+            raise ValueError('recovery-back-pressure-hold must be positive')
+        self.recovery_back_pressure = bool(recovery_back_pressure)
+        self.recovery_back_pressure_hold = float(recovery_back_pressure_hold)
         self._recovery = None        # the running Recovery, if any
         self._packing = False
         self._recent_tids = collections.deque(maxlen=RECENT_TIDS)
@@ -1140,14 +1148,20 @@ class RAIDStorage:
                 settings['fail_mode'] not in FAIL_MODES:
             raise RAIDError('fail-mode must be one of %s, not %r'
                             % ('|'.join(FAIL_MODES), settings['fail_mode']))
-        if settings.get('timeout', 1) <= 0:
-            raise RAIDError('timeout must be positive')
+        for key in ('timeout', 'recovery_back_pressure_hold'):
+            if settings.get(key, 1) <= 0:
+                raise RAIDError('%s must be positive'
+                                % key.replace('_', '-'))
         for key, value in sorted(settings.items()):
             old = self._setting(key)
             if key == 'timeout':
                 self.timeout = float(value)
             elif key == 'pack_timeout':
                 self.pack_timeout = float(value or 0) or None
+            elif key == 'recovery_back_pressure':
+                self.recovery_back_pressure = bool(value)
+            elif key == 'recovery_back_pressure_hold':
+                self.recovery_back_pressure_hold = float(value)
             elif key == 'auto_recover_hold_down':
                 self._auto_recover_hold_down = float(value)
                 if self._auto_recover is not None:
@@ -1161,12 +1175,14 @@ class RAIDStorage:
             logger.warning('raid=%s setting %s changed by reload: %r -> %r',
                            self._name, key.replace('_', '-'), old,
                            self._setting(key))
-        if 'recovery_txn_rate' in settings or \
-                'recovery_byte_rate' in settings:
-            recovery = self._recovery
-            if recovery is not None:
+        recovery = self._recovery
+        if recovery is not None:
+            if 'recovery_txn_rate' in settings or \
+                    'recovery_byte_rate' in settings:
                 recovery.limiter.set_rates(self.recovery_txn_rate,
                                            self.recovery_byte_rate)
+            recovery.pressure.enabled = self.recovery_back_pressure
+            recovery.pressure.hold = self.recovery_back_pressure_hold
         if 'auto_recover' in settings:
             if settings['auto_recover'] and self._auto_recover is None:
                 self._start_auto_recover()
