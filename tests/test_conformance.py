@@ -212,6 +212,18 @@ class RAIDOverFileStorageRecoveryTests(
     def new_dest(self):
         return self.make_raid('dest')
 
+    def test_new_oids_after_a_copy_are_above_the_copied_ones(self):
+        """As FileStorage's restore (set_max_oid): zodbconvert into a RAID
+        must not hand out oids that the copy brought in."""
+        for i in range(5):
+            self._dostore()
+        copied = {record.oid for txn in self._storage.iterator()
+                  for record in txn}
+        self._dst.copyTransactionsFrom(self._storage)
+        new = self._dst.new_oid()
+        self.assertNotIn(new, copied)
+        self.assertGreater(new, max(copied))
+
 
 class RAID3OverFileStorageRecoveryTests(RAIDOverFileStorageRecoveryTests):
 

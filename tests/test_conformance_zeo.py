@@ -192,15 +192,16 @@ class ExternalGCRAIDStorage(ServerManagingRAIDStorage):
 def blob_suites():
     suite = unittest.TestSuite()
     for count in (2, 3):
-        # No RecoveryBlobStorage: the RAID over ClientStorages is not
-        # IBlobStorageRestoreable (ZEO has no restoreBlob).  No
+        # RecoveryBlobStorage: the RAID over ClientStorages restores
+        # blobs through the direct path (ZEO has no restoreBlob).  No
         # blob_packing.txt: it inspects the storage's own blob files via
         # fshelper; ZEO's suite does not run it for ClientStorage either.
         suite.addTest(_adapt_blob_transaction_for_root(
             ZODB.tests.testblob.storage_reusable_suite(
                 'RAID%dOverZEOBlob' % count,
                 lambda name, blob_dir, count=count:
-                ServerManagingRAIDStorage(name, blob_dir, count))))
+                ServerManagingRAIDStorage(name, blob_dir, count),
+                test_blob_storage_recovery=True)))
     # The RAID publishing committed blobs in a blob dir it shares with its
     # own clients (as ZEO runs ClientStorageSharedBlobs).  blob_packing.txt
     # runs on the shared variant in test_conformance (in-process).

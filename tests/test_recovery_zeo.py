@@ -21,6 +21,9 @@ import transaction
 import ZEO.ClientStorage
 import ZEO.StorageServer
 import ZODB
+import ZODB.blob
+import ZODB.interfaces
+import ZODB.POSException
 import ZODB.utils
 from persistent.mapping import PersistentMapping
 from zope.testing.loggingsupport import InstalledHandler
@@ -44,6 +47,19 @@ from zeoraid.errors import RAIDError
 from zeoraid.storage import RAIDStorage
 
 TIMEOUT = 10.0
+
+
+def transactions_of(storage):
+    """[(tid, [(oid, tid, data)])] of a storage's whole history, records
+    in the order they were written."""
+    it = storage.iterator()
+    try:
+        return [(txn.tid, [(r.oid, r.tid, r.data) for r in txn])
+                for txn in it]
+    finally:
+        close = getattr(it, 'close', None)
+        if close is not None:
+            close()
 
 
 class ZEORecoveryTestBase(unittest.TestCase):
@@ -468,14 +484,12 @@ class RebuildTests(ZEORecoveryTestBase):
         self.assertEqual(total, recovery.progress.txns_copied)
         self.assertGreater(blobs, 30)
 
-    def test_migrating_an_existing_zeo_server(self):
-        """doc/OPERATION.md, "Moving an existing ZEO server behind
-        zeoraid": the RAID is put in front of a ZEO server that has years
-        of history written by ordinary clients (blobs, an undo, a pack),
-        serves it at once, and a second, empty server joins online."""
-        servers = self.start_servers(2)
-        # The existing database, written without any RAID.
-        existing = ZODB.DB(servers[0].client())
+    def write_history(self, server, pack=True):
+        """History written by ordinary ZEO clients, without any RAID:
+        blobs (ZEO's storeBlob writes two records each), two blobs in one
+        transaction, an undo and (with `pack`) a pack. Returns the last
+        tid."""
+        existing = ZODB.DB(server.client())
         with existing.transaction() as conn:
             root = conn.root()
             root['docs'] = PersistentMapping(
@@ -491,11 +505,21 @@ class RebuildTests(ZEORecoveryTestBase):
         undone = existing.undoLog(0, 1)[0]['id']
         existing.undo(undone)
         transaction.commit()
-        existing.pack(time.time() + 1)
+        if pack:
+            existing.pack(time.time() + 1)
         with existing.transaction() as conn:
             conn.root()['after-pack'] = 1
-        last_before = existing.storage.lastTransaction()
+        last = existing.storage.lastTransaction()
         existing.close()
+        return last
+
+    def test_migrating_an_existing_zeo_server(self):
+        """doc/OPERATION.md, "Moving an existing ZEO server behind
+        zeoraid": the RAID is put in front of a ZEO server that has years
+        of history written by ordinary clients (blobs, an undo, a pack),
+        serves it at once, and a second, empty server joins online."""
+        servers = self.start_servers(2)
+        last_before = self.write_history(servers[0])
 
         # zeoraid in front of it, alone: optimal, serving what is there.
         raid = self.open_raid(servers[:1])
@@ -528,6 +552,47 @@ class RebuildTests(ZEORecoveryTestBase):
             self.assertEqual(root['more']['x'], 1)
             self.assertEqual(root['docs']['doc3'], 'changed 3')
         self.assert_all_identical(raid, ['b1', 'b2'])
+
+    def test_copy_transactions_with_blobs_into_a_raid_of_zeo_servers(self):
+        """zodbconvert's path (copyTransactionsFrom): a history with blobs
+        restored into a RAID over ZEO backends, which have no restoreBlob
+        of their own: every record, in order, and every blob file."""
+        servers = self.start_servers(3)
+        self.write_history(servers[0], pack=False)
+        source = servers[0].client()
+        self.addCleanup(source.close)
+        raid = self.open_raid(servers[1:])
+        self.assertTrue(
+            ZODB.interfaces.IBlobStorageRestoreable.providedBy(raid))
+        raid.copyTransactionsFrom(source)
+        self.assertEqual(raid.lastTransaction(), source.lastTransaction())
+        self.assert_all_identical(raid, ['b1', 'b2'])
+        copied = raid.raid_backend_storage('b1')
+        expected = transactions_of(source)
+        self.assertEqual(transactions_of(copied), expected)
+        blobs = {(oid, tid) for tid, records in expected
+                 for oid, _, data in records
+                 if ZODB.blob.is_blob_record(data)}
+        self.assertEqual(len(blobs), 3)
+        for oid, tid in blobs:
+            with open(source.loadBlob(oid, tid), 'rb') as f, \
+                    open(raid.loadBlob(oid, tid), 'rb') as g:
+                self.assertEqual(f.read(), g.read())
+        # The copy is a working database.
+        db = self.open_db(raid)
+        with db.transaction() as conn:
+            root = conn.root()
+            with root['pair']['b'].open() as f:
+                self.assertEqual(f.read(), b'second of two')
+            root['more'] = more = Blob(b'after the copy')
+        # New objects get oids above the copied ones (as FileStorage's
+        # restore makes sure), not oids in use.
+        self.assertGreater(ZODB.utils.u64(more._p_oid), 5)
+        with db.transaction() as conn:
+            root = conn.root()
+            with root['more'].open() as f:
+                self.assertEqual(f.read(), b'after the copy')
+            self.assertEqual(root['docs']['doc3'], 'changed 3')
 
     def test_diverged_backend_refused_then_rebuilt_as_the_error_says(self):
         servers = self.start_servers(2)

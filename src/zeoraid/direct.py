@@ -32,6 +32,7 @@ import threading
 import ZEO.ClientStorage
 import ZEO.TransactionBuffer
 import ZODB.POSException
+import ZODB.utils
 from ZEO.Exceptions import ClientDisconnected
 
 from zeoraid.errors import BackendTimeout
@@ -225,6 +226,9 @@ class DirectTransaction:
             id(txn), txn.user, txn.description, txn.extension, tid,
             status))]
         self.nbytes = 0
+        # restoreBlob: oid -> its last record's (serial, data, file, prev)
+        # and that record's place in messages (a _BLOB_PLACE entry).
+        self.blob_records = {}
 
     def _check(self, what):
         return self.storage._check_trans(self.txn, what)
@@ -256,6 +260,44 @@ class DirectTransaction:
         self.flush()
         return self.storage.storeBlob(oid, serial, data, blobfilename,
                                       version, txn)
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, txn):
+        """restoreBlob, which ZEO lacks: the record with its blob.
+
+        The blob goes with the object's last record in the transaction,
+        as store_blob_record at the vote (after all other records, the
+        last one first: the ZEO server stores blob records last, in
+        reverse). An earlier record of the same object (ZEO's storeBlob
+        writes two) is restored as it is, in its place. The serial the
+        ZEO server checks is the backend's current one for the object, so
+        the record is written with the transaction's tid as restoreBlob
+        would. Until the vote nothing of the transaction is sent early.
+        """
+        self._check('restoreBlob')
+        earlier = self.blob_records.pop(oid, None)
+        if earlier is not None:
+            place, _, record = earlier
+            rserial, rdata, _, rprev = record
+            self.messages[place] = ('restorea', (oid, rserial, rdata, rprev,
+                                                 id(txn)))
+        try:
+            current = ZODB.utils.load_current(self.storage, oid)[1]
+        except ZODB.POSException.POSKeyError:
+            current = ZODB.utils.z64
+        self.messages.append(_BLOB_PLACE)
+        self.blob_records[oid] = (len(self.messages) - 1, current,
+                                  (serial, data, blobfilename, prev_txn))
+
+    def _send_blob_records(self):
+        """At the vote: the restoreBlob records, after everything else."""
+        records = sorted(self.blob_records.items(), key=lambda i: i[1][0])
+        self.blob_records = {}
+        self.messages = [m for m in self.messages if m is not _BLOB_PLACE]
+        self.flush()
+        for oid, (_, current, (_, data, blobfilename, _)) in \
+                reversed(records):
+            self.store_blob_record(oid, current, data, blobfilename,
+                                   self.txn)
 
     def store_blob_record(self, oid, serial, data, blobfilename, txn):
         """One record with a blob, as restoreBlob would write it.
@@ -306,6 +348,9 @@ class DirectTransaction:
                 self.flush()
 
     def _take_messages(self):
+        if self.blob_records:
+            # restoreBlob places are open until the vote.
+            return []
         messages, self.messages, self.nbytes = self.messages, [], 0
         return messages
 
@@ -329,6 +374,8 @@ class DirectTransaction:
         called (together with the other backends' votes).
         """
         self._check('tpc_vote')
+        if self.blob_records:
+            self._send_blob_records()
         messages = self._take_messages()
         client = self.client.runner.client
         txn_id = id(self.txn)
@@ -700,7 +747,10 @@ class Reply:
 
 
 QUEUED_CALLS = frozenset(['store', 'restore', 'deleteObject', 'storeBlob',
-                          'checkCurrentSerialInTransaction'])
+                          'restoreBlob', 'checkCurrentSerialInTransaction'])
+
+#: A restoreBlob record's place among a DirectTransaction's messages.
+_BLOB_PLACE = ('restoreBlob', None)
 
 
 def _start_task(loop, coroutine, reply):

@@ -258,8 +258,12 @@ class RAIDStorage:
             ZODB.interfaces.IStorageCurrentRecordIteration in provided)
         if self._blob_dir:
             provided.append(ZODB.interfaces.IBlobStorage)
-            if all(ZODB.interfaces.IBlobStorageRestoreable.providedBy(s)
-                   for s in opened):
+            # A ZEO backend restores blobs through the direct path
+            # (DirectTransaction.restoreBlob): ZEO itself has no
+            # restoreBlob.
+            if all(ZODB.interfaces.IBlobStorageRestoreable.providedBy(
+                    b.storage) or b.direct is not None
+                   for b in self._backends if b.storage is not None):
                 provided.append(ZODB.interfaces.IBlobStorageRestoreable)
         self._provided = provided
         zope.interface.directlyProvides(self, *provided)
@@ -717,6 +721,18 @@ class RAIDStorage:
         self._check_writable()
         self._current(transaction, 'restore').pipeline(
             'restore', oid, serial, data, '', prev_txn)
+        self._restored_oid(oid)
+
+    def _restored_oid(self, oid):
+        """A restore brought `oid` in: new_oid must never hand it out.
+
+        As FileStorage's restore does (set_max_oid): after a copy into
+        the RAID (zodbconvert), new objects get oids above the copied
+        ones, not oids that are in use.
+        """
+        with self._lock:
+            if oid > self._oid:
+                self._oid = oid
 
     def checkCurrentSerialInTransaction(self, oid, serial, transaction):
         self._check_writable()
@@ -740,6 +756,7 @@ class RAIDStorage:
         self._check_writable()
         self._current(transaction, 'restoreBlob').store_blob(
             'restoreBlob', oid, serial, data, blobfilename, prev_txn)
+        self._restored_oid(oid)
 
     def undo(self, transaction_id, transaction):
         self._check_writable()
