@@ -58,6 +58,14 @@ def _guarded(storage, share, method, args):
         raise
 
 
+def _current_serial(storage, oid):
+    """The serial of oid's current record on storage, z64 if none."""
+    try:
+        return ZODB.utils.load_current(storage, oid)[1]
+    except ZODB.POSException.POSKeyError:
+        return ZODB.utils.z64
+
+
 def _vote_call(storage, share, txn):
     if share.error is not None:
         raise share.error
@@ -194,9 +202,25 @@ class Commit:
             share.blob_links.append(link)
             if method == 'storeBlob':
                 args = (oid, serial, data, link, '', self.txn)
+            elif share.direct is not None:
+                self._restore_blob_direct(share, oid, serial, data, link,
+                                          extra)
+                continue
             else:
                 args = (oid, serial, data, link, extra, self.txn)
             self._submit(share, method, args)
+
+    def _restore_blob_direct(self, share, oid, serial, data, link, prev_txn):
+        """restoreBlob on a ZEO backend (DirectTransaction.restore_blob),
+        with the backend's current serial read under the deadline."""
+        if share.error is not None:
+            return
+        try:
+            current = share.backend.call(self.timeout, _current_serial, oid)
+            share.direct.restore_blob(oid, serial, data, link, prev_txn,
+                                      current)
+        except Exception as exc:
+            share.error = exc
 
     def undo(self, transaction_id):
         """Undo on all backends now; returns (tid, oids).

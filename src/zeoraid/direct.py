@@ -32,7 +32,6 @@ import threading
 import ZEO.ClientStorage
 import ZEO.TransactionBuffer
 import ZODB.POSException
-import ZODB.utils
 from ZEO.Exceptions import ClientDisconnected
 
 from zeoraid.errors import BackendTimeout
@@ -261,17 +260,19 @@ class DirectTransaction:
         return self.storage.storeBlob(oid, serial, data, blobfilename,
                                       version, txn)
 
-    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, txn):
+    def restore_blob(self, oid, serial, data, blobfilename, prev_txn,
+                     current):
         """restoreBlob, which ZEO lacks: the record with its blob.
 
-        The blob goes with the object's last record in the transaction,
-        as store_blob_record at the vote (after all other records, the
-        last one first: the ZEO server stores blob records last, in
-        reverse). An earlier record of the same object (ZEO's storeBlob
-        writes two) is restored as it is, in its place. The serial the
-        ZEO server checks is the backend's current one for the object, so
-        the record is written with the transaction's tid as restoreBlob
-        would. Until the vote nothing of the transaction is sent early.
+        current: the backend's current serial of the object (z64 for a
+        new one), which the ZEO server checks the blob's store against;
+        in a transaction begun with the record's tid that writes the
+        record restoreBlob would. The blob goes with the object's last
+        record in the transaction, as store_blob_record at the vote
+        (after all other records, the last one first: the ZEO server
+        stores blob records last, in reverse). An earlier record of the
+        same object (ZEO's storeBlob writes two) is restored as it is, in
+        its place. Until the vote nothing of the transaction is sent.
         """
         self._check('restoreBlob')
         earlier = self.blob_records.pop(oid, None)
@@ -279,11 +280,7 @@ class DirectTransaction:
             place, _, record = earlier
             rserial, rdata, _, rprev = record
             self.messages[place] = ('restorea', (oid, rserial, rdata, rprev,
-                                                 id(txn)))
-        try:
-            current = ZODB.utils.load_current(self.storage, oid)[1]
-        except ZODB.POSException.POSKeyError:
-            current = ZODB.utils.z64
+                                                 id(self.txn)))
         self.messages.append(_BLOB_PLACE)
         self.blob_records[oid] = (len(self.messages) - 1, current,
                                   (serial, data, blobfilename, prev_txn))
@@ -747,7 +744,7 @@ class Reply:
 
 
 QUEUED_CALLS = frozenset(['store', 'restore', 'deleteObject', 'storeBlob',
-                          'restoreBlob', 'checkCurrentSerialInTransaction'])
+                          'checkCurrentSerialInTransaction'])
 
 #: A restoreBlob record's place among a DirectTransaction's messages.
 _BLOB_PLACE = ('restoreBlob', None)
