@@ -155,6 +155,7 @@ class RAIDStorage:
         self.recovery_back_pressure = bool(recovery_back_pressure)
         self.recovery_back_pressure_hold = float(recovery_back_pressure_hold)
         self._recovery = None        # the running Recovery, if any
+        self._last_recovery = None
         self._packing = False
         self._recent_tids = collections.deque(maxlen=RECENT_TIDS)
         self._recent_floor = z64
@@ -1052,7 +1053,7 @@ class RAIDStorage:
                 RateLimiter(self.recovery_txn_rate, self.recovery_byte_rate),
                 verify_all=verify_all)
             target.last_recovery = recovery.progress
-            self._recovery = recovery
+            self._recovery = self._last_recovery = recovery
         if target.storage is None or is_client_storage(target.storage):
             self._reopen(target)
             if target.storage is None:
@@ -1122,6 +1123,11 @@ class RAIDStorage:
     def raid_recovery(self):
         """The running recovery (tests and the manager wait on it)."""
         return self._recovery
+
+    def raid_last_recovery(self):
+        """The recovery started last, running or ended (one that ends at
+        once, refused, is already gone from raid_recovery())."""
+        return self._last_recovery
 
     def raid_backend_names(self):
         return [b.name for b in self._backends]
