@@ -384,8 +384,10 @@ class TLSTests(unittest.TestCase):
         os.close(fd)
         return token_file
 
-    def test_admin_over_tls_with_client_certificates(self):
-        directory = os.path.join(self.tmp, 'admin-tls')
+    def start_admin_tls_server(self, name, allowed=()):
+        """A zeoraid server with a TLS admin endpoint on a free port;
+        returns (server, directory, port, token file)."""
+        directory = os.path.join(self.tmp, name)
         os.makedirs(directory, exist_ok=True)
         token_file = self.token(directory)
         with socket.socket() as s:
@@ -394,9 +396,14 @@ class TLSTests(unittest.TestCase):
         server = RaidServer(directory, [],
                             eventlog=os.path.join(directory, 'zeoraid.log'))
         self.server = server
-        server.write_config(text=self.admin_config(directory, port,
-                                                   token_file))
+        server.write_config(text=self.admin_config(
+            directory, port, token_file, allowed=allowed))
         server.start()
+        return server, directory, port, token_file
+
+    def test_admin_over_tls_with_client_certificates(self):
+        server, directory, port, token_file = self.start_admin_tls_server(
+            'admin-tls')
         wait_until(lambda: server.admin('status')['result']['status']
                    == 'optimal', 30, 'an optimal RAID')
         tcp = ['--admin', '127.0.0.1:%d' % port, '--token-file', token_file]
@@ -434,19 +441,8 @@ class TLSTests(unittest.TestCase):
                          'optimal')
 
     def test_admin_tls_allowed_client_names(self):
-        directory = os.path.join(self.tmp, 'admin-tls-names')
-        os.makedirs(directory, exist_ok=True)
-        token_file = self.token(directory)
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        server = RaidServer(directory, [],
-                            eventlog=os.path.join(directory, 'zeoraid.log'))
-        self.server = server
-        server.write_config(text=self.admin_config(
-            directory, port, token_file,
-            allowed=['zeoraid-client', 'ops@example.org']))
-        server.start()
+        server, directory, port, token_file = self.start_admin_tls_server(
+            'admin-tls-names', allowed=['zeoraid-client', 'ops@example.org'])
         tcp = ['--admin', '127.0.0.1:%d' % port, '--token-file', token_file,
                '--tls-ca', self.certs['ca']]
 
