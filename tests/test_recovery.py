@@ -826,11 +826,9 @@ class RecoveryTests(RecoveryTestBase):
         stop, thread, live, errors = self.saturate(raid, db)
         try:
             self.assertTrue(wait_until(lambda: len(live) >= 300, 20))
-            started = time.monotonic()
             before = len(live)
             raid.raid_recover('b2')
             recovery = wait_recovery(self, raid, 45)
-            elapsed = time.monotonic() - started
             during = len(live) - before
         finally:
             stop.set()
