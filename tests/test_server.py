@@ -549,6 +549,25 @@ class ServerTests(ServerTestBase):
         self.assertEqual(info['state'], 'degraded')
         self.assertIn('1s', info['reason'])
 
+    def test_backend_states_survive_a_restart_without_a_state_file_key(self):
+        # The configuration has no state-file: the server keeps one next
+        # to its pid file all the same.
+        self.assertNotIn('state-file', open(self.server.conf).read())
+        self.commit(self.db(), 'a', 1)
+        self.assertEqual(self.server.manager('disable', 'b2').returncode, 0)
+        path = os.path.join(self.server.directory, 'zeoraid.1.state.json')
+        self.assertTrue(os.path.exists(path))
+        self.assertIn('keeping backend states in %s' % path,
+                      self.server.log())
+        r = self.server.manager('--json', 'reload', '--dry-run')
+        self.assertEqual(json.loads(r.stdout)['result']['restart_needed'],
+                         [])
+        self.assertEqual(self.server.stop(timeout=30), 0)
+        self.server.start()
+        b2 = details(self.server)['backends']['b2']
+        self.assertEqual(b2['state'], 'degraded')
+        self.assertIn('degraded before the restart', b2['reason'])
+
     def test_reload_refuses_to_leave_no_optimal_backend(self):
         self.assertEqual(self.server.manager('disable', 'b1').returncode, 0)
         self.server.write_config(self.backend_list(0, 2))   # b1, b3

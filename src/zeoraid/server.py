@@ -85,6 +85,21 @@ def is_raid_section(section):
             and config.getSectionType() == 'raidstorage')
 
 
+def default_state_files(sections, settings, quiet=False):
+    """Give every served <raidstorage> without a state-file one next to
+    the pid file (var/zeoraid.pid: var/zeoraid.NAME.state.json), so that
+    backend states survive restarts whatever the configuration says."""
+    for section in sections:
+        if is_raid_section(section) and section.config.state_file is None:
+            name = storage_name(section).replace(os.sep, '_')
+            section.config.state_file = '%s.%s.state.json' % (
+                settings.base(), name)
+            if not quiet:
+                logger.info('storage %r: no state-file set, keeping '
+                            'backend states in %s', storage_name(section),
+                            section.config.state_file)
+
+
 def backend_openers(section):
     """[(backend name, opener)] of a ``<raidstorage>`` section's backends.
 
@@ -281,6 +296,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
         self._raid_settings = {}
 
     def open_storages(self):
+        default_state_files(self.options.storages, self.settings)
         super().open_storages()
         for section in self.options.storages:
             if is_raid_section(section):
@@ -516,6 +532,7 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
             except (ZConfig.ConfigurationError, OSError) as e:
                 raise RAIDError('configuration %s does not parse, nothing'
                                 ' changed: %s' % (configfile, one_line(e)))
+            default_state_files(root.storages, self.settings, quiet=True)
             sections = {storage_name(s): s for s in root.storages}
             raids = {n: s for n, s in self.storages.items()
                      if callable(getattr(s, 'raid_reload', None))}
