@@ -346,6 +346,12 @@ def markdown_table(data):
                  '/'.join(meta.get('loadavg_end') or ['?']),
                  meta['params']['rounds'], meta['params']['duration']),
              '',
+             'Machine speed (a plain Python loop on one core, to tell a fast '
+             'day from a slow one): %s M iterations/s at start, %s at end; '
+             'CPU steal during the run: %s%%.' % (
+                 meta.get('speed_start', '?'), meta.get('speed_end', '?'),
+                 fmt(meta.get('cpu_steal_percent'), 1)),
+             '',
              '| workload | topology | throughput | median ms | p99 ms | '
              'ratio to zeo | server CPU ms/op (front + backends) |',
              '|---|---|---:|---:|---:|---:|---:|']
@@ -473,6 +479,36 @@ def write_chart(data, path):
     return None
 
 
+def machine_speed(seconds=0.5):
+    """Millions of iterations/s of a plain Python loop on one core: how
+    fast this machine runs today. Ratios compare within one run; this
+    tells runs on a fast and a slow day apart."""
+    count = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10000):
+            count += 1
+    return round(count / seconds / 1e6, 2)
+
+
+def cpu_times():
+    """The machine's CPU time counters (/proc/stat), or None."""
+    try:
+        with open('/proc/stat') as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_percent(before, after):
+    """CPU time the hypervisor gave to others between two cpu_times()."""
+    if not before or not after or len(before) < 8:
+        return None
+    deltas = [b - a for a, b in zip(before, after)]
+    total = sum(deltas[:8])
+    return round(100.0 * deltas[7] / total, 1) if total else None
+
+
 def machine_info():
     info = dict(python=sys.version.split()[0], platform=platform.platform(),
                 cpus=os.cpu_count())
@@ -582,8 +618,10 @@ def main(argv=None):
         stamp, '-quick' if args.quick else ''))
     data = dict(meta=dict(date=stamp, quick=args.quick, params=p,
                           topologies=args.topology_names,
-                          machine=machine_info(), workdir=workdir),
+                          machine=machine_info(), workdir=workdir,
+                          speed_start=machine_speed()),
                 workloads={})
+    cpu_start = cpu_times()
     topologies = make_topologies(workdir, args.topology_names)
     servers = [s for t in topologies for s in t.servers]
     pool = clients.WorkerPool(max(p['writers'], p['readers'], 1), workdir)
@@ -621,6 +659,8 @@ def main(argv=None):
             shutil.rmtree(workdir, ignore_errors=True)
     data['meta']['seconds'] = round(time.monotonic() - started, 1)
     data['meta']['loadavg_end'] = machine_info().get('loadavg')
+    data['meta']['cpu_steal_percent'] = steal_percent(cpu_start, cpu_times())
+    data['meta']['speed_end'] = machine_speed()
     with open(stem + '.json', 'w') as f:
         json.dump(data, f, indent=1, sort_keys=False)
     table = markdown_table(data)

@@ -130,6 +130,11 @@ class BenchmarkSmokeTests(unittest.TestCase):
             table = f.read()
         for workload in WORKLOADS:
             self.assertIn('| %s | raid3 |' % workload, table)
+        # How fast the machine ran, so runs of different days compare.
+        self.assertRegex(table, r'Machine speed .*: [0-9.]+ M iterations/s '
+                                r'at start, [0-9.]+ at end; CPU steal '
+                                r'during the run: [0-9.]+%')
+        self.assertGreater(self.data['meta']['speed_start'], 0)
         self.assertIn('| %s | raid3 |' % WORKLOADS[0], self.output)
         # Each zeoraid topology against the one-extra-hop limit.
         self.assertRegex(table, r'\| commit_1obj \| [0-9.]+ \| raid1 '
