@@ -27,6 +27,7 @@ import ZEO.ClientStorage
 import ZODB.FileStorage  # noqa: F401
 import ZODB.interfaces
 import ZODB.MappingStorage  # noqa: F401
+import ZODB.POSException
 import ZODB.utils
 import zope.interface
 
@@ -214,6 +215,19 @@ def authoritative_last_tid(storage):
     if is_client_storage(storage):
         return storage._call('lastTransaction')
     return storage.lastTransaction()
+
+
+def current_serial(storage, oid):
+    """The serial of oid's current record on storage, z64 if none.
+
+    ZEO has no restoreBlob: a blob store against this serial, in a
+    transaction begun with the record's tid, writes the record that
+    restoreBlob would.
+    """
+    try:
+        return ZODB.utils.load_current(storage, oid)[1]
+    except ZODB.POSException.POSKeyError:
+        return ZODB.utils.z64
 
 
 class Backend:

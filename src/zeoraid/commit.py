@@ -28,6 +28,7 @@ import ZODB.utils
 from zeoraid import direct as direct_client
 from zeoraid import fanout
 from zeoraid.backend import authoritative_last_tid
+from zeoraid.backend import current_serial
 from zeoraid.errors import BackendsFailedError
 from zeoraid.errors import RAIDFailedError
 
@@ -56,14 +57,6 @@ def _guarded(storage, share, method, args):
     except Exception as exc:
         share.error = exc
         raise
-
-
-def _current_serial(storage, oid):
-    """The serial of oid's current record on storage, z64 if none."""
-    try:
-        return ZODB.utils.load_current(storage, oid)[1]
-    except ZODB.POSException.POSKeyError:
-        return ZODB.utils.z64
 
 
 def _vote_call(storage, share, txn):
@@ -216,7 +209,7 @@ class Commit:
         if share.error is not None:
             return
         try:
-            current = share.backend.call(self.timeout, _current_serial, oid)
+            current = share.backend.call(self.timeout, current_serial, oid)
             share.direct.restore_blob(oid, serial, data, link, prev_txn,
                                       current)
         except Exception as exc:

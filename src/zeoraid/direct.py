@@ -268,7 +268,7 @@ class DirectTransaction:
         new one), which the ZEO server checks the blob's store against;
         in a transaction begun with the record's tid that writes the
         record restoreBlob would. The blob goes with the object's last
-        record in the transaction, as store_blob_record at the vote
+        record in the transaction, as _send_blob_record at the vote
         (after all other records, the last one first: the ZEO server
         stores blob records last, in reverse). An earlier record of the
         same object (ZEO's storeBlob writes two) is restored as it is, in
@@ -293,19 +293,19 @@ class DirectTransaction:
         self.flush()
         for oid, (_, current, (_, data, blobfilename, _)) in \
                 reversed(records):
-            self.store_blob_record(oid, current, data, blobfilename,
+            self._send_blob_record(oid, current, data, blobfilename,
                                    self.txn)
 
-    def store_blob_record(self, oid, serial, data, blobfilename, txn):
+    def _send_blob_record(self, oid, serial, data, blobfilename, txn):
         """One record with a blob, as restoreBlob would write it.
 
-        For recovery: ZEO has no restoreBlob, and ClientStorage.storeBlob
-        sends a store before the blob, which writes two records (a
-        history packed since, or written by a RAID, may have one). Here
-        only ZEO's blob messages go (storeBlobStart, the chunks read as
-        they are written, storeBlobEnd), after everything queued before.
-        The ZEO server stores blob records after all other records of the
-        transaction, the last one sent first.
+        ClientStorage.storeBlob sends a store before the blob, which
+        writes two records (a history packed since, or written by a RAID,
+        may have one). Here only ZEO's blob messages go (storeBlobStart,
+        the chunks read as they are written, storeBlobEnd), after
+        everything queued before. The ZEO server stores blob records
+        after all other records of the transaction, the last one sent
+        first.
         """
         tbuf = self._check('storeBlob')
         self.flush()

@@ -39,6 +39,7 @@ from ZODB.utils import z64
 from zeoraid import direct as direct_client
 from zeoraid.backend import authoritative_last_tid
 from zeoraid.backend import close_iterator
+from zeoraid.backend import current_serial
 from zeoraid.backend import has_transaction
 from zeoraid.errors import BackendTimeout
 from zeoraid.errors import RAIDError
@@ -762,9 +763,9 @@ class Recovery:
         only the last). The blob goes with the object's last record, the
         earlier ones are restored as they are: with restoreBlob, or for a
         ZEO target through the direct path with ZEO's blob messages alone
-        (DirectTransaction.store_blob_record), which the ZEO server stores
-        after the other records, the last one sent first (so they are
-        sent last, in reverse). Only a ZEO target without the direct path
+        (DirectTransaction.restore_blob, which sends them last and in
+        reverse at the vote: the ZEO server stores blob records after the
+        other records, the last one sent first). Only a ZEO target without the direct path
         uses ClientStorage.storeBlob, which writes two records: the blob
         then goes with the object's last but one record and replaces the
         last.
@@ -780,8 +781,11 @@ class Recovery:
             else:
                 writer = storage
                 storage.tpc_begin(txn, txn.tid, txn.status)
-            blob_record = getattr(writer, 'store_blob_record', None)
-            one_record = restore_blob is not None or blob_record is not None
+            # ZEO has no restoreBlob; a DirectTransaction writes the same
+            # one record (restore_blob).
+            restore_blob_direct = getattr(writer, 'restore_blob', None)
+            one_record = (restore_blob is not None
+                          or restore_blob_direct is not None)
             positions = {}
             for i, record in enumerate(txn):
                 if record.oid in txn.blobs:
@@ -794,16 +798,6 @@ class Recovery:
                 else:
                     blob_at[where[-2]] = oid
                     skip.add(where[-1])
-            later = []      # (serial, record, blob) for store_blob_record
-
-            def current_serial(oid):
-                # ZEO has no restoreBlob: a store with the target's current
-                # serial, in a transaction begun with the source's tid,
-                # gives the same record.
-                try:
-                    return ZODB.utils.load_current(storage, oid)[1]
-                except ZODB.POSException.POSKeyError:
-                    return z64
             try:
                 for i, record in enumerate(txn):
                     if i in skip:
@@ -816,15 +810,15 @@ class Recovery:
                     elif restore_blob is not None:
                         restore_blob(record.oid, record.tid, record.data,
                                      blob, record.data_txn, txn)
-                    elif blob_record is not None:
-                        later.append((current_serial(record.oid), record,
-                                      blob))
+                    elif restore_blob_direct is not None:
+                        restore_blob_direct(
+                            record.oid, record.tid, record.data, blob,
+                            record.data_txn,
+                            current_serial(storage, record.oid))
                     else:
                         writer.storeBlob(record.oid,
-                                         current_serial(record.oid),
+                                         current_serial(storage, record.oid),
                                          record.data, blob, '', txn)
-                for serial, record, blob in reversed(later):
-                    blob_record(record.oid, serial, record.data, blob, txn)
                 if writer is storage:
                     storage.tpc_vote(txn)
                     tid = storage.tpc_finish(txn)
