@@ -89,11 +89,6 @@ def settings_diff(running, wanted):
     return online, restart
 
 
-def key_name(attribute):
-    """The configuration key of a section attribute (pack_timeout)."""
-    return attribute.replace('_', '-')
-
-
 class SectionOpener:
     """Opens one backend section; `settings` says how it is configured.
 

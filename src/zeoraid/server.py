@@ -32,16 +32,16 @@ import ZConfig
 import ZEO.runzeo
 
 from zeoraid import served
-from zeoraid.config import key_name
-from zeoraid.config import raid_settings
-from zeoraid.config import settings_diff
 from zeoraid.admin import AdminError
 from zeoraid.admin import AdminServer
-from zeoraid.admin import AdminTLS
 from zeoraid.admin import AdminService
+from zeoraid.admin import AdminTLS
 from zeoraid.admin import one_line
+from zeoraid.config import raid_settings
+from zeoraid.config import settings_diff
 from zeoraid.errors import RAIDError
 from zeoraid.metrics import MetricsEndpoint
+from zeoraid.storage import key_name
 
 
 logger = logging.getLogger('zeoraid.server')
@@ -469,19 +469,13 @@ class ZEORaidServer(ZEO.runzeo.ZEOServer):
                          daemon=True).start()
 
     def _reload_all(self):
+        """SIGHUP: reload every RAID (reload_storage logs the changes)."""
         try:
-            diffs = self.reload_storage(None)
+            self.reload_storage(None)
         except RAIDError as e:
             log('reload refused: %s' % one_line(e), logging.ERROR)
-            return
         except Exception:
             logger.exception('reload failed')
-            return
-        for diff in diffs:
-            log('reloaded storage %r: added %s, removed %s, replaced '
-                '(settings changed) %s, kept %s, settings %s'
-                % (diff['storage'], diff['added'], diff['removed'],
-                   diff['changed'], diff['kept'], _settings_text(diff)))
 
     # pid file: always written, even for a read-only server
 

@@ -69,6 +69,33 @@ ONLINE_SETTINGS = ('timeout', 'pack_timeout', 'fail_mode',
                    'auto_recover', 'auto_recover_hold_down',
                    'auto_recover_max_flaps')
 
+
+def key_name(attribute):
+    """The configuration key of a setting's attribute (pack_timeout)."""
+    return attribute.replace('_', '-')
+
+
+def _seconds_or_none(value):
+    return float(value or 0) or None
+
+
+#: How the RAID holds an online setting it is given (others as they are).
+_SETTING_TYPES = {'timeout': float, 'pack_timeout': _seconds_or_none,
+                  'recovery_back_pressure': bool,
+                  'recovery_back_pressure_hold': float,
+                  'auto_recover_hold_down': float}
+
+
+def _invalid_setting(settings):
+    """What is wrong with {attribute: value} settings, or None."""
+    if 'fail_mode' in settings and settings['fail_mode'] not in FAIL_MODES:
+        return ('fail-mode must be one of %s, not %r'
+                % ('|'.join(FAIL_MODES), settings['fail_mode']))
+    for key in ('timeout', 'recovery_back_pressure_hold'):
+        if key in settings and settings[key] <= 0:
+            return '%s must be positive' % key_name(key)
+    return None
+
 #: Interfaces the RAID declares when every open backend provides them.
 OPTIONAL_INTERFACES = (
     ZODB.interfaces.IStorageUndoable,
@@ -106,9 +133,11 @@ class RAIDStorage:
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError('cluster-mode must be one of %s, not %r'
                              % ('|'.join(CLUSTER_MODES), cluster_mode))
-        if fail_mode not in FAIL_MODES:
-            raise ValueError('fail-mode must be one of %s, not %r'
-                             % ('|'.join(FAIL_MODES), fail_mode))
+        problem = _invalid_setting(dict(
+            fail_mode=fail_mode, timeout=timeout,
+            recovery_back_pressure_hold=recovery_back_pressure_hold))
+        if problem is not None:
+            raise ValueError(problem)
         names = [n for n, _ in backends]
         if not names:
             raise ValueError('RAID %s needs at least one backend' % name)
@@ -118,8 +147,6 @@ class RAIDStorage:
                              % (name, ', '.join(duplicates)))
         if shared_blob_dir and not blob_dir:
             raise ValueError('RAID %s: shared-blob-dir needs blob-dir' % name)
-        if timeout <= 0:
-            raise ValueError('timeout must be positive')
         if cluster_mode == 'coop' and server_id is None:
             raise ValueError(
                 'RAID %s: cluster-mode coop needs a server-id (0-%d), '
@@ -132,7 +159,7 @@ class RAIDStorage:
 
         self.__name__ = self._name = name
         self.timeout = float(timeout)
-        self.pack_timeout = float(pack_timeout or 0) or None
+        self.pack_timeout = _seconds_or_none(pack_timeout)
         self.cluster_mode = cluster_mode
         self.fail_mode = fail_mode
         self._read_only = bool(read_only)
@@ -150,8 +177,6 @@ class RAIDStorage:
         self._foreign_tids = set()
         self.recovery_txn_rate = recovery_txn_rate
         self.recovery_byte_rate = recovery_byte_rate
-        if recovery_back_pressure_hold <= 0:
-            raise ValueError('recovery-back-pressure-hold must be positive')
         self.recovery_back_pressure = bool(recovery_back_pressure)
         self.recovery_back_pressure_hold = float(recovery_back_pressure_hold)
         self._recovery = None        # the running Recovery, if any
@@ -178,17 +203,21 @@ class RAIDStorage:
         # _recent_tids holds the commits after this tid, no older ones.
         self._recent_floor = self._ltid
         self._auto_recover = None
-        self._auto_recover_hold_down = auto_recover_hold_down
-        self._auto_recover_max_flaps = auto_recover_max_flaps
-        if auto_recover:
-            self._start_auto_recover()
+        self.auto_recover_hold_down = float(auto_recover_hold_down)
+        self.auto_recover_max_flaps = auto_recover_max_flaps
+        self._switch_auto_recover(auto_recover)
 
-    def _start_auto_recover(self):
-        from zeoraid.recovery import AutoRecover
-        self._auto_recover = AutoRecover(
-            self, hold_down=self._auto_recover_hold_down,
-            max_flaps=self._auto_recover_max_flaps)
-        self._auto_recover.start()
+    def _switch_auto_recover(self, on):
+        """Start or stop the auto-recover thread."""
+        if on and self._auto_recover is None:
+            from zeoraid.recovery import AutoRecover
+            self._auto_recover = AutoRecover(
+                self, hold_down=self.auto_recover_hold_down,
+                max_flaps=self.auto_recover_max_flaps)
+            self._auto_recover.start()
+        elif not on and self._auto_recover is not None:
+            self._auto_recover.stop()
+            self._auto_recover = None
 
     # -- startup -----------------------------------------------------------
 
@@ -1158,46 +1187,31 @@ class RAIDStorage:
     def apply_settings(self, settings):
         """Take changed settings while running (reload).
 
-        settings: {attribute: new value} for keys of
-        config.ONLINE_SETTINGS. A new timeout applies to the next call
-        (a transaction or recovery under way keeps its own); new
-        recovery rates apply to a running recovery at once.
+        settings: {attribute: new value} for keys of ONLINE_SETTINGS. A
+        new timeout applies to the next call (a transaction or recovery
+        under way keeps its own); new recovery rates and back-pressure
+        settings apply to a running recovery at once.
         """
         unknown = sorted(set(settings) - set(ONLINE_SETTINGS))
         if unknown:
             raise RAIDError('these settings need a restart: %s'
                             % ', '.join(unknown))
-        if 'fail_mode' in settings and \
-                settings['fail_mode'] not in FAIL_MODES:
-            raise RAIDError('fail-mode must be one of %s, not %r'
-                            % ('|'.join(FAIL_MODES), settings['fail_mode']))
-        for key in ('timeout', 'recovery_back_pressure_hold'):
-            if settings.get(key, 1) <= 0:
-                raise RAIDError('%s must be positive'
-                                % key.replace('_', '-'))
+        problem = _invalid_setting(settings)
+        if problem is not None:
+            raise RAIDError(problem)
         for key, value in sorted(settings.items()):
             old = self._setting(key)
-            if key == 'timeout':
-                self.timeout = float(value)
-            elif key == 'pack_timeout':
-                self.pack_timeout = float(value or 0) or None
-            elif key == 'recovery_back_pressure':
-                self.recovery_back_pressure = bool(value)
-            elif key == 'recovery_back_pressure_hold':
-                self.recovery_back_pressure_hold = float(value)
-            elif key == 'auto_recover_hold_down':
-                self._auto_recover_hold_down = float(value)
-                if self._auto_recover is not None:
-                    self._auto_recover.hold_down = float(value)
-            elif key == 'auto_recover_max_flaps':
-                self._auto_recover_max_flaps = value
-                if self._auto_recover is not None:
-                    self._auto_recover.max_flaps = value
-            elif key != 'auto_recover':
-                setattr(self, key, value)
+            if key == 'auto_recover':
+                self._switch_auto_recover(value)
+            else:
+                setattr(self, key, _SETTING_TYPES.get(key, _identity)(value))
             logger.warning('raid=%s setting %s changed by reload: %r -> %r',
-                           self._name, key.replace('_', '-'), old,
+                           self._name, key_name(key), old,
                            self._setting(key))
+        auto = self._auto_recover
+        if auto is not None:
+            auto.hold_down = self.auto_recover_hold_down
+            auto.max_flaps = self.auto_recover_max_flaps
         recovery = self._recovery
         if recovery is not None:
             if 'recovery_txn_rate' in settings or \
@@ -1206,22 +1220,11 @@ class RAIDStorage:
                                            self.recovery_byte_rate)
             recovery.pressure.enabled = self.recovery_back_pressure
             recovery.pressure.hold = self.recovery_back_pressure_hold
-        if 'auto_recover' in settings:
-            if settings['auto_recover'] and self._auto_recover is None:
-                self._start_auto_recover()
-            elif not settings['auto_recover'] and \
-                    self._auto_recover is not None:
-                self._auto_recover.stop()
-                self._auto_recover = None
 
     def _setting(self, key):
         """The running value of an online setting (config attribute)."""
         if key == 'auto_recover':
             return self._auto_recover is not None
-        if key == 'auto_recover_hold_down':
-            return self._auto_recover_hold_down
-        if key == 'auto_recover_max_flaps':
-            return self._auto_recover_max_flaps
         return getattr(self, key)
 
     def raid_reload(self, backends, dry_run=False):
