@@ -24,7 +24,7 @@ setup(
         'BTrees',
     ],
     extras_require={
-        'test': ['zope.testrunner', 'zope.testing'],
+        'test': ['zope.testrunner', 'zope.testing', 'hypothesis'],
         'recipe': ['zc.buildout', 'zc.recipe.egg'],
         # the benchmark's chart (make bench installs it)
         'bench': ['matplotlib'],
