@@ -179,7 +179,8 @@ class StateFileTests(unittest.TestCase):
                                              'b2': 'optimal'})
         self.assertEqual(sorted(self.recorded()), ['b1', 'b2'])
         self.assertEqual([n for n in os.listdir(self.tmp)
-                          if n.startswith('raid.state.')], [])
+                          if n.startswith('raid.state.')
+                          and n != 'raid.state.commit'], [])
 
     def test_config_key(self):
         for name in ('b1', 'b2'):

@@ -30,6 +30,7 @@ from zeoraid import fanout
 from zeoraid.backend import authoritative_last_tid
 from zeoraid.backend import current_serial
 from zeoraid.errors import BackendsFailedError
+from zeoraid.errors import RAIDError
 from zeoraid.errors import RAIDFailedError
 
 logger = logging.getLogger('zeoraid')
@@ -94,6 +95,8 @@ class Commit:
         self.blobs = []          # (oid, uploaded file the RAID owns)
         self.stored_data = None  # oid -> data, for client-side resolution
         self.voted = False
+        self.mark = None         # records the tid before any finish
+        self.mark_error = None
         self.nbytes = 0          # size of the data stored (recovery credit)
         self.started = time.monotonic()
 
@@ -242,12 +245,18 @@ class Commit:
 
     def vote(self):
         if self.raid.cluster_mode == 'coop':
+            self._mark()
             outcomes = self._vote_in_order()
         else:
             outcomes = self._vote_parallel()
         verdict = self._decide(outcomes, 'tpc_vote')
         if verdict.error is not None:
             raise self._for_client(verdict.error)
+        if self.mark_error is not None:
+            raise RAIDError(
+                'RAID %s: the commit marker cannot be written (%s); the '
+                'transaction is not committed' % (
+                    self.raid.getName(), fanout.describe(self.mark_error)))
         if self.raid.cluster_mode == 'coop':
             self._check_coop_order()
         resolved = []
@@ -262,7 +271,18 @@ class Commit:
 
     def _vote_parallel(self):
         """Send the vote to every backend, then wait for all answers."""
-        return self._vote_shares(self._require_active(), self.timeout)
+        return self._vote_shares(self._require_active(), self.timeout,
+                                 sent=self._mark)
+
+    def _mark(self):
+        """Record the tid durably before any backend can finish it
+        (replicas.CommitMarker); done while the votes are on the way."""
+        if self.mark is None:
+            return
+        try:
+            self.mark(self.tid)
+        except OSError as exc:
+            self.mark_error = exc
 
     def _vote_in_order(self):
         """coop: vote one backend after the other, in backend-name order.
@@ -280,8 +300,11 @@ class Commit:
             outcomes.extend(self._vote_shares([share], self.timeout * 2))
         return outcomes
 
-    def _vote_shares(self, shares, timeout):
-        """Vote on `shares` in parallel; one Outcome per backend voted."""
+    def _vote_shares(self, shares, timeout, sent=None):
+        """Vote on `shares` in parallel; one Outcome per backend voted.
+
+        sent: called once every vote is on its way, before the waiting.
+        """
         deadline = time.monotonic() + timeout
         futures = {}
         outcomes = []
@@ -310,6 +333,8 @@ class Commit:
             futures[share.backend] = reply
             direct[share.backend] = share
         handoff.go()
+        if sent is not None:
+            sent()
         resolving = {}
         for outcome in fanout.gather(futures, timeout):
             share = direct.get(outcome.backend)

@@ -34,6 +34,7 @@ from ZODB.utils import u64
 from ZODB.utils import z64
 
 from zeoraid import fanout
+from zeoraid import replicas
 from zeoraid.backend import DEGRADED
 from zeoraid.backend import OPTIMAL
 from zeoraid.backend import RECOVERING
@@ -48,7 +49,6 @@ from zeoraid.commit import BlobPlacement
 from zeoraid.commit import Commit
 from zeoraid.errors import RAIDError
 from zeoraid.errors import RAIDFailedError
-from zeoraid.statefile import NOT_TRUSTED
 from zeoraid.statefile import StateFile
 from zeoraid.stats import RAIDStats
 
@@ -187,9 +187,17 @@ class RAIDStorage:
         self.stats = RAIDStats()
         self._blobs = BlobPlacement(blob_dir, shared_blob_dir)
         self._blob_dir = blob_dir
-        self._state_file = (StateFile(state_file, name)
-                            if state_file else None)
-        recorded = self._state_file.load() if self._state_file else {}
+        self._generations = (
+            replicas.Generations(StateFile(state_file, name),
+                                 replicas.CommitMarker(state_file + '.commit'))
+            if state_file else None)
+        self._record = (self._generations.load() if self._generations
+                        else replicas.Record())
+        self._tid_floor = self._record.pack_floor
+        self._waiting = None          # the Judgement while refusing
+        self._waiter = None
+        self._started = False
+        self._checks = threading.Condition(self._lock)
         self._backends = [Backend(n, opener, name) for n, opener in backends]
         self._open_backends(self._backends)
         for backend in self._backends:
@@ -197,8 +205,7 @@ class RAIDStorage:
                 backend.set_state(OPTIMAL, None)
         self._check_blob_settings()
         self._declare_interfaces()
-        self._distrust_recorded(recorded)
-        self._set_start_state()
+        self._judge_start()
         self._watch_states(self._backends)
         # _recent_tids holds the commits after this tid, no older ones.
         self._recent_floor = self._ltid
@@ -206,6 +213,8 @@ class RAIDStorage:
         self.auto_recover_hold_down = float(auto_recover_hold_down)
         self.auto_recover_max_flaps = auto_recover_max_flaps
         self._switch_auto_recover(auto_recover)
+        if self._waiting is not None:
+            self._start_waiter()
 
     def _switch_auto_recover(self, on):
         """Start or stop the auto-recover thread."""
@@ -298,85 +307,56 @@ class RAIDStorage:
         self._provided = provided
         zope.interface.directlyProvides(self, *provided)
 
-    def _distrust_recorded(self, recorded):
-        """Backends the state file has as degraded or recovering start
-        degraded, however current they are (a recovery checks them).
+    def _observe(self, backend):
+        """What `backend` reports for the start-up judgement."""
+        if backend.storage is None:
+            return replicas.Observation(False)
+        try:
+            last = backend.call(self.timeout, authoritative_last_tid)
+            has = last == z64 or backend.call(self.timeout, has_transaction,
+                                              last)
+        except Exception as exc:
+            self._degrade(backend, 'last tid unavailable: %s'
+                          % fanout.describe(exc), check=False)
+            return replicas.Observation(False)
+        backend.last_tid = last
+        return replicas.Observation(True, last, has)
 
-        If that would leave no working backend, the file is not followed
-        (a RAID that failed as a whole comes back by last tids).
+    def _judge_start(self):
+        """Decide who is current (replicas.judge); serve or wait.
+
+        With a record (state file), a backend is current only if it was
+        in the current set and its last tid is what the commit marker
+        allows; if no reachable backend is, the RAID refuses writes and
+        reads, and waits for the one it needs (or the operator's force).
         """
-        distrusted = [b for b in self._optimal()
-                      if recorded.get(b.name, {}).get('state') in NOT_TRUSTED]
-        if not distrusted:
-            return
-        if len(distrusted) == len(self._optimal()):
-            logger.warning(
-                'raid=%s the state file %s has every working backend '
-                'degraded; judging them by their last tids', self._name,
-                self._state_file.path)
-            return
-        for backend in distrusted:
-            entry = recorded[backend.name]
-            # The old reason first: auto-recover reads it (an operator's
-            # disable, a diverged backend are left alone).
-            self._degrade(backend, '%s (%s before the restart)' % (
-                entry.get('reason') or 'no reason recorded',
-                entry['state']), check=False)
-
-    def _watch_states(self, backends):
-        """Write the state file now and at every state change."""
-        if self._state_file is None:
-            return
-        for backend in backends:
-            backend.on_change = self._state_changed
-        self._state_file.save(self._backends)
-
-    def _state_changed(self, backend):
-        if not self._closed:    # closing connections is no judgement
-            self._state_file.save(self._backends)
-
-    def _set_start_state(self):
-        """Degrade lagging backends; seed tid and oid from the newest."""
-        for backend in self._optimal():
-            try:
-                backend.last_tid = backend.call(
-                    self.timeout, authoritative_last_tid)
-            except Exception as exc:
-                self._degrade(backend, 'last tid unavailable: %s'
-                              % fanout.describe(exc), check=False)
-        # FileStorage reopened after a crash between vote and finish
-        # reports the tid of the transaction it dropped. A backend that
-        # lacks its own last transaction while another backend has it is
-        # missing it. (If none has it, a pack removed it everywhere.)
-        has_last = {}
-        for backend in self._optimal():
-            if backend.last_tid == z64:
-                continue
-            try:
-                has_last[backend] = backend.call(
-                    self.timeout, has_transaction, backend.last_tid)
-            except Exception as exc:
-                self._degrade(backend, 'iterator: %s' % fanout.describe(exc),
+        observed = {b.name: self._observe(b) for b in self._backends}
+        verdict = replicas.judge(self._record, observed)
+        for backend in self._backends:
+            if backend.name in verdict.stale:
+                self._degrade(backend, verdict.stale[backend.name],
                               check=False)
-        for backend, has in has_last.items():
-            if has or not any(
-                    other.last_tid == backend.last_tid and other_has
-                    for other, other_has in has_last.items()):
-                continue
-            self._degrade(backend, (
-                'missing transactions: last tid %s is of an unfinished '
-                'transaction (crash between vote and finish)'
-                % backend.last_tid.hex()), check=False)
-        optimal = self._optimal()
-        if optimal:
-            newest = max(b.last_tid for b in optimal)
-            for backend in optimal:
-                if backend.last_tid < newest:
-                    self._degrade(backend, (
-                        'missing transactions: last tid %s, newest %s'
-                        % (ZODB.utils.tid_repr(backend.last_tid),
-                           ZODB.utils.tid_repr(newest))), check=False)
-            self._ltid = newest
+        if not verdict.serves:
+            for backend in self._backends:
+                if backend.name not in verdict.current:
+                    self._degrade(backend, verdict.stale.get(
+                        backend.name, backend.reason
+                        if backend.state != OPTIMAL else
+                        'not current'), check=False)
+            if not any(b.storage is not None for b in self._backends):
+                self._close_backends()
+                raise RAIDFailedError('RAID %s: %s' % (self._name,
+                                                       verdict.refusal))
+            self._waiting = verdict
+            logger.critical('raid=%s state=waiting: %s', self._name,
+                            verdict.refusal)
+            return
+        self._start_serving(verdict)
+
+    def _start_serving(self, verdict):
+        """Seed the RAID's tid and oid from the current backends."""
+        self._ltid = verdict.last_tid
+        self._recent_floor = self._ltid
         for backend in ([] if self._read_only else self._optimal()):
             try:
                 oid = backend.call_ordered(self.timeout,
@@ -393,8 +373,118 @@ class RAIDStorage:
             raise RAIDFailedError(
                 'RAID %s: no working backend: %s' % (self._name, '; '.join(
                     '%s: %s' % (b.name, b.reason) for b in self._backends)))
+        self._waiting = None
+        self._started = True
         logger.info('raid=%s opened: status=%s last_tid=%s', self._name,
                     self.raid_status(), ZODB.utils.tid_repr(self._ltid))
+
+    def _start_waiter(self):
+        self._waiter = threading.Thread(
+            target=self._wait_for_needed, name='zeoraid-%s-wait' % self._name,
+            daemon=True)
+        self._waiter.start()
+
+    def _wait_for_needed(self):
+        """While waiting: reopen the needed backends until one is back."""
+        pause = max(0.5, min(self.timeout, 5.0))
+        while not self._closed:
+            verdict = self._waiting
+            if verdict is None:
+                return
+            for name in sorted(verdict.wait_for):
+                backend = self._backend(name)
+                if backend.storage is None and not self._closed:
+                    self._reopen(backend)
+            with self._lock:
+                if self._closed or self._waiting is not verdict:
+                    return
+            if any(self._backend(n).storage is not None
+                   for n in verdict.wait_for):
+                try:
+                    if self._rejudge():
+                        return
+                except Exception:
+                    logger.exception('raid=%s judging the backends again',
+                                     self._name)
+            time.sleep(pause)
+
+    def _rejudge(self):
+        """Judge again (a needed backend is back, or forced); True if the
+        RAID serves now."""
+        observed = {}
+        for backend in self._backends:
+            if backend.storage is None:
+                observed[backend.name] = replicas.Observation(False)
+            else:
+                observed[backend.name] = self._observe(backend)
+        verdict = replicas.judge(self._record, observed)
+        if not verdict.serves:
+            self._waiting = verdict
+            return False
+        for backend in self._backends:
+            if backend.name in verdict.current:
+                backend.set_state(OPTIMAL, None)
+            elif backend.state == OPTIMAL:
+                self._degrade(backend, verdict.stale.get(
+                    backend.name, 'not current'), check=False)
+        self._start_serving(verdict)
+        logger.warning('raid=%s serves again: current %s, last tid %s',
+                       self._name, ', '.join(verdict.current),
+                       ZODB.utils.tid_repr(self._ltid))
+        return True
+
+    def raid_force(self, name):
+        """The operator's override while waiting (md's --force): take
+        backend `name` as current, as it is, and serve from it.
+
+        Transactions acknowledged after its last tid are lost; backends
+        that have them are diverged from now on (full rebuild).
+        """
+        backend = self._backend(name)
+        if self._waiting is None:
+            raise RAIDError('RAID %s is not waiting for a backend: nothing '
+                            'to force' % self._name)
+        if backend.storage is None:
+            self._reopen(backend)
+            if backend.storage is None:
+                raise RAIDError('force refused: backend %s cannot be opened '
+                                '(%s)' % (name, backend.reason))
+        observed = self._observe(backend)
+        if not observed.reachable:
+            raise RAIDError('force refused: backend %s does not answer (%s)'
+                            % (name, backend.reason))
+        logger.critical(
+            'raid=%s operator forced backend %s as current at last tid %s; '
+            'was waiting: %s', self._name, name,
+            ZODB.utils.tid_repr(observed.last_tid), self._waiting.refusal)
+        self._record = replicas.Record(current=[name],
+                                       floor=observed.last_tid,
+                                       pack_floor=self._record.pack_floor,
+                                       states=self._record.states)
+        if self._generations is not None:
+            self._generations.force(name)
+        if not self._rejudge():
+            raise RAIDError('force did not make RAID %s serve: %s'
+                            % (self._name, self._waiting.refusal))
+        self._save_states()
+        return 'RAID %s serves from backend %s (forced), last tid %s' % (
+            self._name, name, ZODB.utils.tid_repr(self._ltid))
+
+    def _watch_states(self, backends):
+        """Write the state file now and at every state change."""
+        if self._generations is None:
+            return
+        for backend in backends:
+            backend.on_change = self._state_changed
+        self._save_states()
+
+    def _state_changed(self, backend):
+        if not self._closed:    # closing connections is no judgement
+            self._save_states()
+
+    def _save_states(self):
+        if self._generations is not None:
+            self._generations.save(self._backends, self._ltid)
 
     # -- backend selection and failure handling ----------------------------
 
@@ -471,6 +561,10 @@ class RAIDStorage:
     def _check_usable(self):
         if self._closed:
             raise RAIDFailedError('RAID %s is closed' % self._name)
+        waiting = self._waiting
+        if waiting is not None:
+            raise RAIDFailedError('RAID %s is %s' % (self._name,
+                                                     waiting.refusal))
         if self._failed and self.fail_mode == 'close':
             raise RAIDFailedError(
                 'RAID %s failed: no optimal backend left' % self._name)
@@ -480,6 +574,13 @@ class RAIDStorage:
         if self._read_only or (self._failed and
                                self.fail_mode == 'read-only'):
             raise ReadOnlyError()
+        refusal = (self._generations.refusal()
+                   if self._generations is not None else None)
+        if refusal is not None:
+            # A commit acknowledged now could not be told from a fork
+            # after a restart: refuse until the record is written again.
+            raise RAIDError('RAID %s refuses commits: %s' % (self._name,
+                                                             refusal))
 
     def _read(self, fn, *args, spread=False):
         """Answer a read from one backend, failing over on errors."""
@@ -711,6 +812,8 @@ class RAIDStorage:
                     % (ZODB.utils.tid_repr(tid),
                        ZODB.utils.tid_repr(self._ltid)))
             commit = Commit(self, transaction, tid, status, optimal)
+            if self._generations is not None:
+                commit.mark = self._mark_committing
             if 'tryToResolveConflict' in self.__dict__:
                 # The ZEO server asked for client-side conflict
                 # resolution: conflicts must carry the data we stored.
@@ -720,6 +823,10 @@ class RAIDStorage:
         except BaseException:
             self._commit_lock.release()
             raise
+
+    def _mark_committing(self, tid):
+        """The commit marker, before any backend may finish `tid`."""
+        self._generations.mark(self._ltid, tid)
 
     def _newest_tid(self, optimal):
         """The tid to exceed: our own, and in coop mode the backends'."""
@@ -1036,6 +1143,8 @@ class RAIDStorage:
     # -- management ------------------------------------------------------------
 
     def raid_status(self):
+        if self._waiting is not None:
+            return 'waiting'
         if self._failed or not self._optimal():
             return 'failed'
         if any(b.state == RECOVERING for b in self._backends):
@@ -1052,6 +1161,15 @@ class RAIDStorage:
                 info['recovery'] = backend.last_recovery.as_dict()
             details[backend.name] = info
         return details
+
+    def raid_waiting(self):
+        """Why the RAID refuses to serve and which backends it needs, or
+        None when it serves."""
+        waiting = self._waiting
+        if waiting is None:
+            return None
+        return {'reason': waiting.refusal, 'needs': dict(waiting.wait_for),
+                'stale': dict(waiting.stale)}
 
     def raid_recover(self, name, verify_all=False):
         """Start recovering a degraded backend in the background."""
@@ -1298,6 +1416,11 @@ class RAIDStorage:
             except Exception:
                 logger.exception('raid=%s aborting on close', self._name)
         self._closed = True
+        if self._generations is not None:
+            if self._started:
+                # A clean close: the file's last tid is the RAID's.
+                self._generations.save(self._backends, self._ltid)
+            self._generations.close()
         if self._auto_recover is not None:
             self._auto_recover.stop()
         recovery = self._recovery
