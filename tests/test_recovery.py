@@ -1199,7 +1199,33 @@ class RefusalTests(RecoveryTestBase):
 
 
     def test_recover_backend_that_missed_a_pack_after_a_restart(self):
-        """The same, with the RAID restarted between pack and recovery."""
+        """The same, with the RAID restarted between pack and recovery:
+        its state file recorded the pack."""
+        state = self.path('raid.state')
+        raid = self.open_raid(state_file=state)
+        db = self.open_db(raid)
+        backlog = Backlog(db)
+        backlog.add(30, blob_every=0)
+        raid.raid_disable('b3')
+        backlog.add(30, blob_every=0)
+        db.pack()
+        backlog.add(10, blob_every=0)
+        backlog.close()
+        db.close()
+        self.dbs.remove(db)
+        raid = self.open_raid(state_file=state)
+        self.assertEqual(raid.raid_details()['b3']['state'], 'degraded')
+        raid.raid_recover('b3')
+        wait_recovery(self, raid)
+        details = raid.raid_details()['b3']
+        self.assertEqual(details['state'], 'optimal', details)
+        db = self.open_db(raid)
+        db.pack()
+        self.assert_recovered(raid, 'b3')
+
+    def test_a_missed_pack_without_a_record_is_refused(self):
+        """Without a recorded pack, the target's superseded last
+        transaction cannot be told from a foreign commit: refused."""
         raid = self.open_raid()
         db = self.open_db(raid)
         backlog = Backlog(db)
@@ -1211,15 +1237,13 @@ class RefusalTests(RecoveryTestBase):
         backlog.close()
         db.close()
         self.dbs.remove(db)
-        raid = self.open_raid()
-        self.assertEqual(raid.raid_details()['b3']['state'], 'degraded')
+        raid = self.open_raid()      # no state file: the pack is forgotten
         raid.raid_recover('b3')
         wait_recovery(self, raid)
         details = raid.raid_details()['b3']
-        self.assertEqual(details['state'], 'optimal', details)
-        db = self.open_db(raid)
-        db.pack()
-        self.assert_recovered(raid, 'b3')
+        self.assertEqual(details['state'], 'degraded', details)
+        self.assertIn('DivergedError', details['reason'])
+        self.assertIn('full rebuild', details['reason'])
 
 
 class FailureTests(RecoveryTestBase):

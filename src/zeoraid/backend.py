@@ -258,6 +258,7 @@ class Backend:
         self.reads_in_flight = 0
         self.failures = collections.deque(maxlen=32)  # when it degraded
         self.on_change = None        # called with self after set_state
+        self.checking = False        # reconnected: history being checked
 
     def __repr__(self):
         return '<Backend %s %s>' % (self.name, self.state)
@@ -360,7 +361,9 @@ class Backend:
 
     @property
     def optimal(self):
-        return self.state == OPTIMAL
+        """Optimal and usable: not while its history is being checked
+        after a reconnect (RAIDStorage.backend_reconnected)."""
+        return self.state == OPTIMAL and not self.checking
 
     def set_state(self, state, reason=None):
         """Change state; log it once. Returns True if it changed."""
@@ -394,12 +397,15 @@ class Backend:
         return self.set_state(DEGRADED, reason)
 
     def details(self):
-        return {
+        info = {
             'state': self.state,
             'reason': self.reason,
             'since': self.since,
             'last_tid': self.last_tid.hex() if self.last_tid else None,
         }
+        if self.checking:
+            info['checking'] = True
+        return info
 
     # -- calls -------------------------------------------------------------
 
@@ -500,9 +506,12 @@ class Backend:
 class BackendUpcalls:
     """What a backend sees as its database: the RAID, filtered.
 
-    A backend ClientStorage calls invalidateCache() on every reconnect;
-    forwarding it would make the ZEO server drop every client, so it is
-    swallowed. invalidate() means somebody else wrote to the backend.
+    A backend ClientStorage calls invalidateCache() on every (re)connect;
+    forwarding it would make the ZEO server drop every client. It means
+    the backend's server may be another one now (restarted on an older
+    copy, or on another file): the RAID checks its history
+    (RAIDStorage.backend_reconnected). invalidate() means somebody else
+    wrote to the backend.
     """
 
     def __init__(self, raid, backend):
@@ -513,8 +522,7 @@ class BackendUpcalls:
         self._raid._backend_invalidated(self._backend, transaction_id, oids)
 
     def invalidateCache(self):
-        logger.debug('raid=%s backend=%s invalidateCache ignored',
-                     self._raid.getName(), self._backend.name)
+        self._raid.backend_reconnected(self._backend)
 
     def references(self, record, oids=None):
         return self._raid._wrapper_references(record, oids)

@@ -353,19 +353,27 @@ class Recovery:
         target_txns = self._read_range(self.target, window_start, target_last)
         source_has_last = self.source.call(self.timeout, has_transaction,
                                            target_last)
+        # History a pack removed is accepted only below a pack this RAID
+        # recorded (durably, in its state file): without one, a missing
+        # or superseded transaction is a foreign commit, not a pack.
+        packed = target_last < self.raid.pack_floor
         if not target_txns or target_txns[-1].tid != target_last:
-            if not source_has_last:
+            if not source_has_last and packed:
                 # Neither has it: a pack removed it on both.
                 logger.warning(
                     'raid=%s backend=%s recovery: last tid %s was packed '
-                    'away on target and source; junction not compared',
-                    self.raid.getName(), self.target.name, target_last.hex())
+                    'away on target and source (pack up to %s); junction '
+                    'not compared', self.raid.getName(), self.target.name,
+                    target_last.hex(), self.raid.pack_floor.hex())
                 return p64(u64(target_last) + 1)
             target_last, target_txns = self._phantom_last_tid(
                 target_last, window_start, target_txns)
             if target_last == z64:
                 return z64
-        elif not source_has_last and self._superseded_on_source(
+            source_has_last = self.source.call(self.timeout,
+                                               has_transaction, target_last)
+            packed = target_last < self.raid.pack_floor
+        elif not source_has_last and packed and self._superseded_on_source(
                 target_txns[-1]):
             # The source was packed while the target was degraded: the
             # target's last transaction is history the pack removed (all
@@ -374,29 +382,33 @@ class Recovery:
             # the source's revisions.
             logger.warning(
                 'raid=%s backend=%s recovery: target missed a pack (its '
-                'last transaction %s is packed away on %s); junction not '
-                'compared', self.raid.getName(), self.target.name,
-                target_last.hex(), self.source.name)
+                'last transaction %s is packed away on %s, pack up to %s); '
+                'junction not compared', self.raid.getName(),
+                self.target.name, target_last.hex(), self.source.name,
+                self.raid.pack_floor.hex())
             return p64(u64(target_last) + 1)
-        if target_last <= self.raid._tid_floor:
+        if source_has_last and packed:
             # The optimal backends were packed while the target was
             # degraded: their history up to the pack time is shorter, and
             # comparing it with the target's would always differ. The
-            # current data is what the copy continues from; the next pack
-            # evens the history out.
+            # target's last transaction is on the source; the current
+            # data is what the copy continues from; the next pack evens
+            # the history out.
             logger.warning(
                 'raid=%s backend=%s recovery: target missed a pack (last '
                 'tid %s, pack up to %s); junction not compared',
                 self.raid.getName(), self.target.name, target_last.hex(),
-                self.raid._tid_floor.hex())
+                self.raid.pack_floor.hex())
             return p64(u64(target_last) + 1)
         source_txns = self._read_range(self.source, window_start, target_last)
         if not source_txns or source_txns[-1].tid != target_last:
             raise DivergedError(
                 'backend %s has transaction %s which source %s does not '
-                'have, and it is not history a pack removed: it committed '
-                'something the RAID did not (unknown outcome?). It needs a full rebuild: stop its server, move '
-                'its storage away so it starts empty, then recover again.'
+                'have, and it is not history a pack of this RAID removed: '
+                'it committed something the RAID did not (a foreign '
+                'commit, or an unknown outcome). It needs a full rebuild: '
+                'stop its server, move its storage away so it starts '
+                'empty, then recover again.'
                 % (self.target.name, target_last.hex(), self.source.name))
         for mine, theirs in zip(target_txns, source_txns):
             difference = compare_transactions(theirs, mine)

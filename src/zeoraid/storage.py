@@ -489,11 +489,94 @@ class RAIDStorage:
     # -- backend selection and failure handling ----------------------------
 
     def _optimal(self):
-        return [b for b in self._backends if b.state == OPTIMAL]
+        return [b for b in self._backends if b.optimal]
+
+    # -- reconnects ----------------------------------------------------------
+
+    def backend_reconnected(self, backend):
+        """A backend's ZEO client (re)connected (its invalidateCache).
+
+        Called in the backend's IO thread: no backend call from here.
+        The server behind it may have been restarted on an older copy of
+        its file or on another file: the backend stops serving at once
+        and its history is checked in a thread of its own
+        (replicas.reconnect_verdict); it is optimal again only if it has
+        exactly what the RAID committed on it. Not in coop mode, where
+        other servers' commits make a newer last tid normal.
+        """
+        if not self._started or self._closed or \
+                self.cluster_mode == 'coop':
+            return
+        with self._lock:
+            if backend.state != OPTIMAL or backend.checking or \
+                    backend.last_tid is None:
+                return
+            backend.checking = True
+        logger.warning('raid=%s backend=%s reconnected: checking its history '
+                       'before it serves again', self._name, backend.name)
+        threading.Thread(target=self._check_reconnected, args=(backend,),
+                         name='zeoraid-%s-check' % backend.name,
+                         daemon=True).start()
+
+    def _check_reconnected(self, backend):
+        reason = None
+        try:
+            reason = self._reconnected_history(backend)
+        except Exception as exc:
+            reason = ('reconnected, history could not be checked: %s'
+                      % fanout.describe(exc))
+        finally:
+            with self._checks:
+                backend.checking = False
+                if reason is not None:
+                    # Degraded before anyone can use it again.
+                    self._degrade(backend, reason, check=False)
+                self._checks.notify_all()
+        if reason is None:
+            logger.warning('raid=%s backend=%s history checked after the '
+                           'reconnect: current at %s', self._name,
+                           backend.name, ZODB.utils.tid_repr(backend.last_tid))
+        self._check_failed()
+
+    def _reconnected_history(self, backend):
+        """None if the reconnected backend is current, else the reason."""
+        storage = backend.storage
+        deadline = time.monotonic() + self.timeout
+        while storage is not None and not storage.is_connected():
+            if time.monotonic() > deadline or self._closed:
+                return ('reconnected, but not connected within %gs to '
+                        'check its history' % self.timeout)
+            time.sleep(0.01)
+        if not self._commit_lock.acquire(timeout=self.timeout):
+            return ('reconnected, history not checked: a transaction did '
+                    'not end within %gs' % self.timeout)
+        try:
+            expected = backend.last_tid
+            last = backend.call(self.timeout, authoritative_last_tid)
+            has = expected == z64 or backend.call(
+                self.timeout, has_transaction, expected)
+            return replicas.reconnect_verdict(expected, self._ltid, last,
+                                              has)
+        finally:
+            self._commit_lock.release()
+
+    def _await_checks(self):
+        """No optimal backend, but some being checked: wait for them
+        (bounded by the timeout) rather than fail the RAID."""
+        deadline = time.monotonic() + self.timeout
+        with self._checks:
+            while any(b.checking for b in self._backends):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._checks.wait(remaining)
 
     def _readable(self):
         """Backends to read from, most trusted first."""
         optimal = self._optimal()
+        if not optimal and any(b.checking for b in self._backends):
+            self._await_checks()
+            optimal = self._optimal()
         if optimal or self.fail_mode != 'read-only':
             return optimal
         return self._fallback_readable()
@@ -549,8 +632,13 @@ class RAIDStorage:
                 self._check_failed()
 
     def _check_failed(self):
-        """Enter the fail mode when too few optimal backends remain."""
-        if self._failed or len(self._optimal()) >= self._quorum():
+        """Enter the fail mode when too few optimal backends remain.
+
+        Backends whose history is being checked after a reconnect count:
+        the check ends by calling this again.
+        """
+        if self._failed or len([b for b in self._backends
+                                if b.state == OPTIMAL]) >= self._quorum():
             return
         self._failed = True
         logger.critical(
@@ -794,6 +882,8 @@ class RAIDStorage:
         if commit is not None and commit.client_txn is transaction:
             raise StorageTransactionError(
                 'Duplicate tpc_begin calls for same transaction')
+        if not self._optimal() and any(b.checking for b in self._backends):
+            self._await_checks()    # before the lock: the check needs it
         self._commit_lock.acquire()
         try:
             self._check_writable()
@@ -1083,6 +1173,11 @@ class RAIDStorage:
                         t += 1e-6
             with self._lock:
                 self._tid_floor = max(self._tid_floor, _pack_stop(t))
+            if self._generations is not None:
+                # Before any backend packs: recovery accepts a target
+                # that missed a pack only below a recorded one.
+                self._generations.record_pack(self._tid_floor,
+                                              self._backends, self._ltid)
         finally:
             self._commit_lock.release()
         return t
@@ -1266,6 +1361,12 @@ class RAIDStorage:
         """Compare the optimal and recovering backends (read-only, online)."""
         from zeoraid import verify
         return verify.verify_raid(self, since=since, rate=rate).as_dict()
+
+    @property
+    def pack_floor(self):
+        """The tid below which a pack of this RAID removed history (z64:
+        none recorded; kept across restarts with a state file)."""
+        return self._tid_floor
 
     def raid_recovery(self):
         """The running recovery (tests and the manager wait on it)."""
