@@ -51,9 +51,17 @@ OPERATIONS = {
     'details': (0, 0),
     'disable': (1, 1),
     'recover': (1, 1),
+    'force': (1, 1),
     'reload': (0, 1),
     'verify': (0, 2),
 }
+
+
+def _add_waiting(result, storage):
+    """A waiting RAID says why and which backend it needs."""
+    waiting = getattr(storage, 'raid_waiting', lambda: None)()
+    if waiting is not None:
+        result['waiting'] = waiting
 
 
 class AdminError(Exception):
@@ -175,9 +183,11 @@ class AdminService:
 
     def op_status(self, name, storage):
         details = storage.raid_details()
-        return {'storage': name,
-                'status': storage.raid_status(),
-                'backends': {b: d.get('state') for b, d in details.items()}}
+        result = {'storage': name,
+                  'status': storage.raid_status(),
+                  'backends': {b: d.get('state') for b, d in details.items()}}
+        _add_waiting(result, storage)
+        return result
 
     def op_details(self, name, storage):
         status = storage.raid_status()
@@ -195,12 +205,20 @@ class AdminService:
                     if raid_time is not None and backend_time is not None
                     else None)
             backends[backend] = info
-        return {'storage': name, 'status': status, 'last_tid': last_tid,
-                'backends': backends}
+        result = {'storage': name, 'status': status, 'last_tid': last_tid,
+                  'backends': backends}
+        _add_waiting(result, storage)
+        return result
 
     def op_disable(self, name, storage, backend):
         self._backend(storage, backend)
         return storage.raid_disable(backend)
+
+    def op_force(self, name, storage, backend):
+        self._backend(storage, backend)
+        logger.critical('admin: force %s requested for storage %s',
+                        backend, name)
+        return storage.raid_force(backend)
 
     def op_recover(self, name, storage, backend):
         recover = getattr(storage, 'raid_recover', None)

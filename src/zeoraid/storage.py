@@ -748,16 +748,24 @@ class RAIDStorage:
         return self._supports_undo
 
     def getSize(self):
+        if not self._serving():
+            return 0    # ZEO's register asks: new clients get the error
         client = self._info_client()
         if client is not None:
             return client.size()
         return self._read(lambda s: s.getSize())
 
     def __len__(self):
+        if not self._serving():
+            return 0
         client = self._info_client()
         if client is not None:
             return client.length()
         return self._read(len)
+
+    def _serving(self):
+        """False while the RAID refuses every call (waiting)."""
+        return self._waiting is None
 
     def _info_client(self):
         """A ZEO backend that knows len() and getSize() without asking.

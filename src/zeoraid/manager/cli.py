@@ -29,7 +29,8 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
 #: RAID status -> Nagios exit code
 STATUS_EXIT = {'optimal': OK, 'recovering': WARNING,
-               'degraded': CRITICAL, 'failed': CRITICAL}
+               'degraded': CRITICAL, 'failed': CRITICAL,
+               'waiting': CRITICAL}
 
 BACKEND_STATES = ('optimal', 'recovering', 'degraded', 'disabled')
 
@@ -119,6 +120,10 @@ def build_parser():
     p = command('disable', 'degrade backend NAME on purpose (refused for'
                 ' the last optimal backend)', cmd_disable)
     p.add_argument('name', metavar='NAME', help='backend name')
+    p = command('force', 'a RAID waiting for a lost backend: serve from'
+                ' backend NAME as it is (transactions only the lost one had'
+                ' are gone; logged)', cmd_force)
+    p.add_argument('name', metavar='NAME')
     p = command('recover', 'start recovering backend NAME', cmd_recover)
     p.add_argument('name', metavar='NAME', help='backend name')
     p.add_argument('--wait', action='store_true',
@@ -289,6 +294,9 @@ def status_line(result):
     for state in sorted(states):
         if state != 'optimal':
             text += '; %s: %s' % (state, ', '.join(states[state]))
+    waiting = result.get('waiting')
+    if isinstance(waiting, dict) and waiting.get('reason'):
+        text += '; %s' % waiting['reason']
     perf = ' '.join('%s=%d;;;0;%d' % (state, len(states.get(state, ())),
                                       total)
                     for state in BACKEND_STATES)
@@ -429,6 +437,12 @@ def cmd_disable(ctx):
     return _simple(ctx, 'disable', [ctx.options.name],
                    lambda r: r if isinstance(r, str) and r
                    else 'backend %s disabled' % ctx.options.name)
+
+
+def cmd_force(ctx):
+    return _simple(ctx, 'force', [ctx.options.name],
+                   lambda r: r if isinstance(r, str) and r
+                   else 'backend %s forced' % ctx.options.name)
 
 
 #: diff key, what a dry run would do, what the reload did
