@@ -371,10 +371,10 @@ class Generations:
             logger.warning('%s written again', what)
 
     def refusal(self):
-        """Why commits are refused now (None: they are not)."""
-        if not self.problems:
-            return None
-        return '; '.join(sorted(self.problems.values()))
+        """Why commits are refused now (None: they are not). A marker
+        that cannot be written refuses each vote itself (it is tried at
+        every vote); a state file that cannot be written refuses here."""
+        return self.problems.get('file')
 
     def close(self):
         self.marker.close()

@@ -665,6 +665,9 @@ class RAIDStorage:
         refusal = (self._generations.refusal()
                    if self._generations is not None else None)
         if refusal is not None:
+            self._save_states()     # written again now?
+            refusal = self._generations.refusal()
+        if refusal is not None:
             # A commit acknowledged now could not be told from a fork
             # after a restart: refuse until the record is written again.
             raise RAIDError('RAID %s refuses commits: %s' % (self._name,
