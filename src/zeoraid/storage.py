@@ -542,7 +542,8 @@ class RAIDStorage:
         """None if the reconnected backend is current, else the reason."""
         storage = backend.storage
         deadline = time.monotonic() + self.timeout
-        while storage is not None and not storage.is_connected():
+        connected = getattr(storage, 'is_connected', lambda: True)
+        while storage is not None and not connected():
             if time.monotonic() > deadline or self._closed:
                 return ('reconnected, but not connected within %gs to '
                         'check its history' % self.timeout)
@@ -1251,7 +1252,8 @@ class RAIDStorage:
     def raid_status(self):
         if self._waiting is not None:
             return 'waiting'
-        if self._failed or not self._optimal():
+        if self._failed or not any(b.state == OPTIMAL
+                                   for b in self._backends):
             return 'failed'
         if any(b.state == RECOVERING for b in self._backends):
             return 'recovering'
