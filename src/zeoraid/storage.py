@@ -193,6 +193,10 @@ class RAIDStorage:
             if state_file else None)
         self._record = (self._generations.load() if self._generations
                         else replicas.Record())
+        if cluster_mode == 'coop':
+            # Other servers commit too: a backend above this server's
+            # marker is normal; only the lower bound is kept.
+            self._record.acked = self._record.committing = None
         self._tid_floor = self._record.pack_floor
         self._waiting = None          # the Judgement while refusing
         self._waiter = None
@@ -914,7 +918,8 @@ class RAIDStorage:
                     % (ZODB.utils.tid_repr(tid),
                        ZODB.utils.tid_repr(self._ltid)))
             commit = Commit(self, transaction, tid, status, optimal)
-            if self._generations is not None:
+            if self._generations is not None and \
+                    self.cluster_mode != 'coop':
                 commit.mark = self._mark_committing
             if 'tryToResolveConflict' in self.__dict__:
                 # The ZEO server asked for client-side conflict
