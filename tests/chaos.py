@@ -486,20 +486,41 @@ class Cluster:
         """Recover every non-optimal backend through the admin endpoint.
 
         A failed recovery (a backend still reconnecting) is retried, up
-        to `attempts` times per backend and until the deadline; a refusal
-        that retrying cannot cure (DivergedError) fails at once.
+        to `attempts` times per backend; a refusal that retrying cannot
+        cure (DivergedError) fails at once. `timeout` bounds the time
+        without progress, not the whole wait: a recovery that keeps
+        copying (its copied tid or count moves) is waited for as long as
+        its backlog needs, so large backlogs under load do not abort.
+        Returns {name: (seconds, txns copied, rate txn/s)} of the
+        recoveries that ended here.
         """
         deadline = time.monotonic() + timeout
         tries = collections.Counter()
+        seen = {}
+        started = {}
+        ended = {}
         while True:
             details = self.raid.details()['backends']
+            for name, info in details.items():
+                recovery = info.get('recovery') or {}
+                mark = (info['state'], recovery.get('txns_copied'),
+                        recovery.get('copied_tid'), recovery.get('phase'))
+                if seen.get(name) != mark:
+                    seen[name] = mark
+                    deadline = time.monotonic() + timeout   # progress
+                if name in started and info['state'] == 'optimal' \
+                        and name not in ended:
+                    ended[name] = (time.monotonic() - started[name],
+                                   recovery.get('txns_copied'),
+                                   recovery.get('rate_txn_s'))
             pending = [n for n, d in sorted(details.items())
                        if d['state'] != 'optimal']
             if not pending:
-                return
+                return ended
             if time.monotonic() > deadline:
-                raise AssertionError('recovery did not finish within %gs: %s'
-                                     % (timeout, details))
+                raise AssertionError(
+                    'recovery made no progress for %gs: %s'
+                    % (timeout, details))
             for name in pending:
                 if details[name]['state'] == 'recovering':
                     continue
@@ -511,6 +532,7 @@ class Cluster:
                     self.raid.admin('recover', name)
                     self.recoveries += 1
                     tries[name] += 1
+                    started.setdefault(name, time.monotonic())
                 except AdminRefused as exc:
                     # one recovery at a time, or not reachable yet
                     logger.info('recover %s refused: %s', name, exc)

@@ -202,3 +202,21 @@ class DurableRecordTests(unittest.TestCase):
         conn.root()['x'] = 2
         tm.commit()
         conn.close()
+
+    def test_lag_of_an_empty_backend_is_the_history_it_lacks(self):
+        import ZODB
+        from ZODB.FileStorage import FileStorage
+        from zeoraid.storage import RAIDStorage
+        db = ZODB.DB(FileStorage(os.path.join(self.tmp, 'b1.fs')))
+        for i in range(3):
+            with db.transaction() as conn:
+                conn.root()['x'] = i
+        db.close()
+        raid = self.open_raid()
+        self.addCleanup(raid.close)
+        details = raid.raid_details()
+        self.assertEqual(details['b2']['state'], 'degraded')
+        self.assertEqual(details['b2']['last_tid'], '00' * 8)
+        self.assertGreaterEqual(details['b2']['lag_seconds'], 0.0)
+        self.assertLess(details['b2']['lag_seconds'], 600)
+        self.assertEqual(details['b1']['lag_seconds'], 0.0)

@@ -181,9 +181,8 @@ class BackendRolledBackUnderARunningRAID(SafetyTestBase):
         shutil.copyfile(path, backup)
         b2.restart()
         # The same file again: the reconnect check finds it current.
-        time.sleep(1.5)
-        wait_until(lambda: not self.details('b2').get('checking'), 20,
-                   'the reconnect check')
+        wait_until(lambda: 'backend=b2 history checked after the reconnect'
+                   in self.cluster.raid.log(), 20, 'the reconnect check')
         self.wait_state('b2', 'optimal')
         self.set_value(db, 2)
         self.set_value(db, 3)

@@ -55,6 +55,7 @@ class Soak:
         self.rebuilds = 0
         self.fault_log = []
         self.recovery_times = []
+        self.recovery_rates = []     # (seconds, txns copied, txn/s)
 
     def say(self, text):
         if self.args.verbose:
@@ -131,7 +132,7 @@ class Soak:
         """Recover what the fault degraded, while the clients commit."""
         started = time.monotonic()
         try:
-            self.cluster.recover_all(timeout=60)
+            self.note_recoveries(self.cluster.recover_all(timeout=60))
         except AssertionError as exc:
             self.recovery_refusals.append(str(exc))
             self.say('recovery failed: %s; full rebuild' % exc)
@@ -140,13 +141,32 @@ class Soak:
         self.recovery_times.append(time.monotonic() - started)
         self.say('optimal again after %.1fs' % self.recovery_times[-1])
 
+    def rates_text(self):
+        rates = self.recovery_rates
+        if not rates:
+            return 'none measured'
+        copied = sum(r[1] for r in rates)
+        seconds = sum(r[0] for r in rates)
+        return ('%d, %d txn copied in %.1fs (%.0f txn/s overall; per '
+                'recovery: median rate %.0f txn/s, longest catch-up %.1fs)'
+                % (len(rates), copied, seconds, copied / max(seconds, 1e-9),
+                   sorted(r[2] for r in rates)[len(rates) // 2],
+                   max(r[0] for r in rates)))
+
+    def note_recoveries(self, ended):
+        """Keep each recovery's time, copied transactions and rate."""
+        for name, (seconds, txns, rate) in sorted(ended.items()):
+            self.recovery_rates.append((seconds, txns or 0, rate or 0.0))
+            self.say('recovered %s: %d txn in %.1fs (%.0f txn/s)'
+                     % (name, txns or 0, seconds, rate or 0.0))
+
     # -- the end ------------------------------------------------------------
 
     def finish(self):
         cluster, load = self.cluster, self.load
         cluster.heal_all()
         try:
-            cluster.recover_all(timeout=60)
+            self.note_recoveries(cluster.recover_all(timeout=60))
         except AssertionError as exc:
             self.recovery_refusals.append(str(exc))
             self.rebuilds += 1
@@ -209,6 +229,7 @@ class Soak:
             'fault: longest %.1fs, mean %.1fs)' % (
                 cluster.recoveries, max(self.recovery_times, default=0),
                 sum(self.recovery_times) / max(len(self.recovery_times), 1)),
+            '  recovery copies:          %s' % self.rates_text(),
             '  recoveries refused:       %d (each followed by a full '
             'rebuild: %d)' % (len(self.recovery_refusals), self.rebuilds),
             '  client retries:           %d (transient errors: conflicts, '

@@ -199,6 +199,7 @@ class RAIDStorage:
             self._record.acked = self._record.committing = None
         self._tid_floor = self._record.pack_floor
         self._waiting = None          # the Judgement while refusing
+        self._first = None            # tid of the first transaction
         self._waiter = None
         self._started = False
         self._checks = threading.Condition(self._lock)
@@ -1266,10 +1267,44 @@ class RAIDStorage:
             return 'optimal'
         return 'degraded'
 
+    def _lag_seconds(self, backend):
+        """How far behind the RAID the backend is, in tid time.
+
+        An empty backend lacks the whole history: its lag is measured
+        from the RAID's first transaction, not from the year 1900.
+        """
+        last = backend.last_tid
+        if last is None or self._ltid == z64 or self._waiting is not None:
+            return None
+        if last == z64:
+            last = self._first_tid()
+            if last is None:
+                return None
+        return max(0.0, TimeStamp(self._ltid).timeTime()
+                   - TimeStamp(last).timeTime())
+
+    def _first_tid(self):
+        """The tid of the RAID's first transaction (kept once known)."""
+        if self._first is None:
+            def first(storage):
+                iterator = storage.iterator()
+                try:
+                    for txn in iterator:
+                        return txn.tid
+                    return None
+                finally:
+                    close_iterator(iterator)
+            try:
+                self._first = self._read(first)
+            except Exception as exc:
+                logger.debug('raid=%s first tid: %r', self._name, exc)
+        return self._first
+
     def raid_details(self):
         details = {}
         for backend in self._backends:
             info = backend.details()
+            info['lag_seconds'] = self._lag_seconds(backend)
             if backend.last_recovery is not None:
                 info['recovery'] = backend.last_recovery.as_dict()
             details[backend.name] = info
